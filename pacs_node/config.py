@@ -1,0 +1,373 @@
+"""The TOML configuration: schema as frozen dataclasses, defaults and validation in one place.
+
+`load_config()` is the only entry point. A bad value raises `ConfigError` naming the key and
+what is allowed, before anything starts. The config object is passed in, never global.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_AE_TITLE = "PACS_NODE"
+DEFAULT_PORT = 11112
+DEFAULT_DATA_DIR = Path("pacs-data")
+
+OPERATIONS = ("echo", "store", "find", "move", "get", "commit")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no '\'
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A known DICOM application entity: who may call us, and where C-MOVE may send."""
+
+    ae_title: str
+    host: str | None = None  # None: any address may use this AE title
+    port: int | None = None  # needed only as a C-MOVE destination
+    allow: tuple[str, ...] = OPERATIONS
+
+
+@dataclass(frozen=True)
+class DicomConfig:
+    ae_title: str = DEFAULT_AE_TITLE
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    # None: allowed only when the listener is on loopback and no peers are listed.
+    allow_unknown_callers: bool | None = None
+    max_associations: int = 32
+    max_pdu_size: int = 262_144
+    acse_timeout_s: float = 30.0
+    dimse_timeout_s: float = 60.0
+    network_timeout_s: float = 60.0
+    max_object_bytes: int = 4 * 1024**3
+
+    @property
+    def on_loopback(self) -> bool:
+        return _is_loopback(self.host)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    cache_dir: Path
+    # Refuse new instances (0xA700) while less than this is free, so the disk never fills.
+    min_free_bytes: int = 100 * 1024**2
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    path: Path
+    busy_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class DuplicatesConfig:
+    # What to do when a SOP Instance UID arrives again with different bytes.
+    on_different_bytes: str = "keep-both"  # or "reject"
+    # Which version retrieval serves when several exist.
+    serve_version: str = "first"  # or "latest"
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    path: Path
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class ReplicationConfig:
+    target: str = "none"  # "none" until the replication issue adds "s3" and "directory"
+
+    @property
+    def enabled(self) -> bool:
+        return self.target != "none"
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: Path
+    dicom: DicomConfig
+    peers: tuple[Peer, ...]
+    storage: StorageConfig
+    index: IndexConfig
+    duplicates: DuplicatesConfig
+    audit: AuditConfig
+    logging: LoggingConfig
+    replication: ReplicationConfig
+    source: str = field(default="<embedded default>", compare=False)
+
+    @property
+    def unknown_callers_allowed(self) -> bool:
+        """Whether a calling AE that is not in the peer list may associate."""
+        if self.dicom.allow_unknown_callers is not None:
+            return self.dicom.allow_unknown_callers
+        return self.dicom.on_loopback and not self.peers
+
+    def peer(self, ae_title: str) -> Peer | None:
+        for peer in self.peers:
+            if peer.ae_title == ae_title:
+                return peer
+        return None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Section:
+    """Reads typed values out of one TOML table, naming the full key in every error."""
+
+    def __init__(self, table: Mapping[str, Any], prefix: str) -> None:
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{prefix or 'config'}: expected a table")
+        self._table = table
+        self._prefix = prefix
+        self._read: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self._prefix}.{name}" if self._prefix else name
+
+    def _get(self, name: str, default: Any) -> Any:
+        self._read.add(name)
+        return self._table.get(name, default)
+
+    def str_(self, name: str, default: str, choices: tuple[str, ...] | None = None) -> str:
+        value = self._get(name, default)
+        if not isinstance(value, str):
+            raise ConfigError(f"{self.key(name)}: expected a string, got {value!r}")
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{self.key(name)}: {value!r} is not one of {', '.join(choices)}")
+        return value
+
+    def int_(self, name: str, default: int, minimum: int, maximum: int) -> int:
+        value = self._get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{self.key(name)}: expected an integer, got {value!r}")
+        if not minimum <= value <= maximum:
+            raise ConfigError(f"{self.key(name)}: {value} is outside {minimum}..{maximum}")
+        return value
+
+    def float_(self, name: str, default: float, minimum: float, maximum: float) -> float:
+        value = self._get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{self.key(name)}: expected a number, got {value!r}")
+        if not minimum <= value <= maximum:
+            raise ConfigError(f"{self.key(name)}: {value} is outside {minimum}..{maximum}")
+        return float(value)
+
+    def bool_(self, name: str, default: bool | None) -> bool | None:
+        value = self._get(name, default)
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(f"{self.key(name)}: expected true or false, got {value!r}")
+        return value
+
+    def path(self, name: str, default: Path, base: Path) -> Path:
+        value = self._get(name, None)
+        if value is None or value == "":
+            return default
+        if not isinstance(value, str):
+            raise ConfigError(f"{self.key(name)}: expected a path string, got {value!r}")
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else base / path
+
+    def ae_title(self, name: str, default: str) -> str:
+        value = self.str_(name, default)
+        if not _AE_TITLE_RE.match(value) or not value.strip():
+            raise ConfigError(
+                f"{self.key(name)}: {value!r} is not an AE title "
+                "(1-16 printable ASCII characters, not only spaces, no backslash)"
+            )
+        return value.strip()
+
+    def finish(self) -> None:
+        unknown = set(self._table) - self._read
+        if unknown:
+            names = ", ".join(sorted(self.key(n) for n in unknown))
+            raise ConfigError(f"unknown key(s): {names}")
+
+
+def _dicom(raw: Mapping[str, Any]) -> DicomConfig:
+    s = _Section(raw, "dicom")
+    d = DicomConfig
+    config = DicomConfig(
+        ae_title=s.ae_title("ae_title", d.ae_title),
+        host=s.str_("host", d.host),
+        port=s.int_("port", d.port, 1, 65535),
+        allow_unknown_callers=s.bool_("allow_unknown_callers", None),
+        max_associations=s.int_("max_associations", d.max_associations, 1, 1000),
+        max_pdu_size=s.int_("max_pdu_size", d.max_pdu_size, 4096, 16 * 1024**2),
+        acse_timeout_s=s.float_("acse_timeout_s", d.acse_timeout_s, 0.1, 3600),
+        dimse_timeout_s=s.float_("dimse_timeout_s", d.dimse_timeout_s, 0.1, 3600),
+        network_timeout_s=s.float_("network_timeout_s", d.network_timeout_s, 0.1, 86400),
+        max_object_bytes=s.int_("max_object_bytes", d.max_object_bytes, 1024, 2**46),
+    )
+    s.finish()
+    return config
+
+
+def _peers(raw: Any) -> tuple[Peer, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError("peers: expected an array of tables ([[peers]])")
+    peers = []
+    seen: set[str] = set()
+    for i, item in enumerate(raw):
+        s = _Section(item, f"peers[{i}]")
+        ae_title = s.ae_title("ae_title", "")
+        if ae_title in seen:
+            raise ConfigError(f"peers[{i}].ae_title: {ae_title!r} is listed twice")
+        seen.add(ae_title)
+        host = s._get("host", None)
+        if host is not None and (not isinstance(host, str) or not host):
+            raise ConfigError(f"peers[{i}].host: expected an address string, got {host!r}")
+        port = s._get("port", None)
+        if port is not None:
+            port = s.int_("port", 0, 1, 65535)
+        allow = s._get("allow", list(OPERATIONS))
+        if not isinstance(allow, list) or any(a not in OPERATIONS for a in allow):
+            raise ConfigError(f"peers[{i}].allow: expected a list of {', '.join(OPERATIONS)}")
+        s.finish()
+        peers.append(Peer(ae_title=ae_title, host=host, port=port, allow=tuple(allow)))
+    return tuple(peers)
+
+
+def build_config(
+    raw: Mapping[str, Any], *, base_dir: Path, source: str, data_dir: Path | None = None
+) -> Config:
+    """Validate a parsed TOML mapping into a `Config`; relative paths resolve against base_dir."""
+    top = _Section(raw, "")
+    resolved_data_dir = data_dir or top.path("data_dir", base_dir / DEFAULT_DATA_DIR, base_dir)
+    resolved_data_dir = resolved_data_dir.absolute()
+
+    dicom = _dicom(raw.get("dicom", {}))
+    top._read.add("dicom")
+    peers = _peers(raw.get("peers", []))
+    top._read.add("peers")
+
+    s = _Section(raw.get("storage", {}), "storage")
+    storage = StorageConfig(
+        cache_dir=s.path("cache_dir", resolved_data_dir / "cache", resolved_data_dir),
+        min_free_bytes=s.int_("min_free_bytes", StorageConfig.min_free_bytes, 0, 2**50),
+    )
+    s.finish()
+    top._read.add("storage")
+
+    s = _Section(raw.get("index", {}), "index")
+    index = IndexConfig(
+        path=s.path("path", resolved_data_dir / "index.sqlite3", resolved_data_dir),
+        busy_timeout_s=s.float_("busy_timeout_s", IndexConfig.busy_timeout_s, 0.1, 600),
+    )
+    s.finish()
+    top._read.add("index")
+
+    s = _Section(raw.get("duplicates", {}), "duplicates")
+    duplicates = DuplicatesConfig(
+        on_different_bytes=s.str_(
+            "on_different_bytes", DuplicatesConfig.on_different_bytes, ("keep-both", "reject")
+        ),
+        serve_version=s.str_("serve_version", DuplicatesConfig.serve_version, ("first", "latest")),
+    )
+    s.finish()
+    top._read.add("duplicates")
+
+    s = _Section(raw.get("audit", {}), "audit")
+    audit = AuditConfig(
+        path=s.path("path", resolved_data_dir / "audit" / "audit.jsonl", resolved_data_dir)
+    )
+    s.finish()
+    top._read.add("audit")
+
+    s = _Section(raw.get("logging", {}), "logging")
+    logging_config = LoggingConfig(level=s.str_("level", LoggingConfig.level, LOG_LEVELS))
+    s.finish()
+    top._read.add("logging")
+
+    s = _Section(raw.get("replication", {}), "replication")
+    replication = ReplicationConfig(target=s.str_("target", "none", ("none",)))
+    s.finish()
+    top._read.add("replication")
+    top.finish()
+
+    config = Config(
+        data_dir=resolved_data_dir,
+        dicom=dicom,
+        peers=peers,
+        storage=storage,
+        index=index,
+        duplicates=duplicates,
+        audit=audit,
+        logging=logging_config,
+        replication=replication,
+        source=source,
+    )
+    _check_exposure(config)
+    return config
+
+
+def _check_exposure(config: Config) -> None:
+    """A listener beyond loopback needs a peer list or an explicit, logged opt-out."""
+    if (
+        not config.dicom.on_loopback
+        and not config.peers
+        and config.dicom.allow_unknown_callers is not True
+    ):
+        raise ConfigError(
+            f"dicom.host: listening on {config.dicom.host} needs a [[peers]] list, "
+            "or dicom.allow_unknown_callers = true (logged loudly at every start)"
+        )
+
+
+def load_config(path: Path | None = None, *, data_dir: Path | None = None) -> Config:
+    """Load and validate the TOML file at `path`, or the embedded default when None."""
+    if path is None:
+        return build_config({}, base_dir=Path.cwd(), source="<embedded default>", data_dir=data_dir)
+    try:
+        with path.open("rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file not found: {path}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    return build_config(raw, base_dir=path.parent.absolute(), source=str(path), data_dir=data_dir)
+
+
+def with_overrides(
+    config: Config, *, host: str | None = None, port: int | None = None, ae_title: str | None = None
+) -> Config:
+    """Apply `serve --host/--port/--ae-title`, re-running the same validation."""
+    raw: dict[str, Any] = {}
+    if host is not None:
+        raw["host"] = host
+    if port is not None:
+        raw["port"] = port
+    if ae_title is not None:
+        raw["ae_title"] = ae_title
+    if not raw:
+        return config
+    s = _Section(raw, "dicom")
+    dicom = replace(
+        config.dicom,
+        host=s.str_("host", config.dicom.host),
+        port=s.int_("port", config.dicom.port, 1, 65535),
+        ae_title=s.ae_title("ae_title", config.dicom.ae_title),
+    )
+    updated = replace(config, dicom=dicom)
+    _check_exposure(updated)
+    return updated

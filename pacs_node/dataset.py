@@ -1,0 +1,191 @@
+"""Reading a received dataset without holding it: its structure checked end to end, and the
+attributes the index needs, from one pass over the element headers.
+
+Large values (pixel data, big private blobs) are skipped by seeking, so a 1-GB instance is
+checked with bounded memory. Only deflated datasets are inflated in memory (they are rare, and
+the format leaves no other way to walk them).
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from pydicom import config as pydicom_config
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.filereader import data_element_generator
+from pydicom.uid import UID
+
+from pacs_node.index.records import InstanceAttributes
+
+# Values larger than this are skipped (seek), never read: the header attributes are all small.
+_DEFER_SIZE = 4096
+_LAST_TAG_NEEDED = 0x0020_FFFF
+
+_WANTED = {
+    0x0008_0005: "SpecificCharacterSet",
+    0x0008_0016: "SOPClassUID",
+    0x0008_0018: "SOPInstanceUID",
+    0x0008_0020: "StudyDate",
+    0x0008_0030: "StudyTime",
+    0x0008_0050: "AccessionNumber",
+    0x0008_0060: "Modality",
+    0x0008_0090: "ReferringPhysicianName",
+    0x0008_1030: "StudyDescription",
+    0x0008_103E: "SeriesDescription",
+    0x0010_0010: "PatientName",
+    0x0010_0020: "PatientID",
+    0x0010_0021: "IssuerOfPatientID",
+    0x0010_0030: "PatientBirthDate",
+    0x0010_0040: "PatientSex",
+    0x0018_0015: "BodyPartExamined",
+    0x0020_000D: "StudyInstanceUID",
+    0x0020_000E: "SeriesInstanceUID",
+    0x0020_0010: "StudyID",
+    0x0020_0011: "SeriesNumber",
+    0x0020_0013: "InstanceNumber",
+}
+
+
+class DatasetUnreadable(ValueError):
+    """The dataset is truncated or malformed: its elements do not add up to its bytes."""
+
+
+@dataclass(frozen=True)
+class _Encoding:
+    implicit_vr: bool
+    little_endian: bool
+    deflated: bool
+
+
+def _encoding_of(transfer_syntax_uid: str) -> _Encoding:
+    uid = UID(transfer_syntax_uid)
+    deflated = uid.is_deflated
+    if not uid.is_transfer_syntax:
+        # An unknown private syntax: encapsulated syntaxes are all explicit little endian.
+        return _Encoding(implicit_vr=False, little_endian=True, deflated=False)
+    return _Encoding(
+        implicit_vr=uid.is_implicit_VR, little_endian=uid.is_little_endian, deflated=deflated
+    )
+
+
+def read_attributes(path: str, dataset_offset: int, transfer_syntax_uid: str) -> InstanceAttributes:
+    """Walk every top-level element of the dataset at `dataset_offset` in the file at `path`.
+
+    Raises DatasetUnreadable when the dataset is truncated or its elements are malformed.
+    """
+    encoding = _encoding_of(transfer_syntax_uid)
+    with open(path, "rb", buffering=65536) as raw:
+        raw.seek(dataset_offset)
+        if encoding.deflated:
+            try:
+                fp: BinaryIO = io.BytesIO(zlib.decompress(raw.read(), -zlib.MAX_WBITS))
+            except zlib.error as e:
+                raise DatasetUnreadable(f"deflated dataset does not inflate: {e}") from e
+            start, end = 0, len(fp.getbuffer())  # type: ignore[attr-defined]
+        else:
+            fp = raw
+            start = dataset_offset
+            end = raw.seek(0, io.SEEK_END)
+            raw.seek(start)
+        wanted = _walk(fp, encoding, start, end)
+    return _attributes(wanted)
+
+
+def _walk(fp: BinaryIO, encoding: _Encoding, start: int, end: int) -> dict[int, RawDataElement]:
+    wanted: dict[int, RawDataElement] = {}
+    position = start
+    count = 0
+    try:
+        with _strict_reading():
+            for element in data_element_generator(
+                fp, encoding.implicit_vr, encoding.little_endian, defer_size=_DEFER_SIZE
+            ):
+                count += 1
+                if isinstance(element, RawDataElement):
+                    if element.length == 0xFFFFFFFF:
+                        position = fp.tell()  # undefined length: read up to its delimiter
+                    else:
+                        position = element.value_tell + element.length
+                    if element.tag <= _LAST_TAG_NEEDED and element.tag in _WANTED:
+                        wanted[element.tag] = element
+                else:  # an undefined-length sequence, parsed to its delimiter
+                    position = fp.tell()
+    except DatasetUnreadable:
+        raise
+    except Exception as e:  # pydicom raises many kinds on malformed input
+        raise DatasetUnreadable(f"malformed dataset: {type(e).__name__}: {e}") from e
+    if count == 0:
+        raise DatasetUnreadable("the dataset is empty")
+    if position != end:
+        raise DatasetUnreadable(
+            f"the dataset is truncated or has trailing bytes: elements end at byte "
+            f"{position - start}, the data at byte {end - start}"
+        )
+    return wanted
+
+
+class _strict_reading:
+    """pydicom leniency off while walking: a malformed value must raise, not warn."""
+
+    def __enter__(self) -> None:
+        self._saved = pydicom_config.settings.reading_validation_mode
+        pydicom_config.settings.reading_validation_mode = pydicom_config.WARN
+
+    def __exit__(self, *exc: object) -> None:
+        pydicom_config.settings.reading_validation_mode = self._saved
+
+
+def _attributes(wanted: dict[int, RawDataElement]) -> InstanceAttributes:
+    ds = Dataset()
+    for tag, element in wanted.items():
+        ds[tag] = element  # converted lazily, with the dataset's character set
+    try:
+        charset = _text(ds, "SpecificCharacterSet")
+        return InstanceAttributes(
+            patient_id=_text(ds, "PatientID"),
+            issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
+            patient_name=_text(ds, "PatientName"),
+            patient_birth_date=_text(ds, "PatientBirthDate"),
+            patient_sex=_text(ds, "PatientSex"),
+            study_uid=_text(ds, "StudyInstanceUID"),
+            study_date=_text(ds, "StudyDate"),
+            study_time=_text(ds, "StudyTime"),
+            accession_number=_text(ds, "AccessionNumber"),
+            study_id=_text(ds, "StudyID"),
+            study_description=_text(ds, "StudyDescription"),
+            referring_physician_name=_text(ds, "ReferringPhysicianName"),
+            series_uid=_text(ds, "SeriesInstanceUID"),
+            modality=_text(ds, "Modality"),
+            series_number=_int(ds, "SeriesNumber"),
+            series_description=_text(ds, "SeriesDescription"),
+            body_part_examined=_text(ds, "BodyPartExamined"),
+            sop_uid=_text(ds, "SOPInstanceUID"),
+            sop_class_uid=_text(ds, "SOPClassUID"),
+            instance_number=_int(ds, "InstanceNumber"),
+            specific_character_set=charset,
+        )
+    except Exception as e:
+        raise DatasetUnreadable(f"an identifying attribute cannot be decoded: {e}") from e
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,1 @@
+"""The only code that imports pynetdicom: server, receive path, handlers, statuses."""

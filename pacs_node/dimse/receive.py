@@ -1,0 +1,385 @@
+"""The C-STORE receive path: P-DATA fragments streamed to the cache as they arrive.
+
+pynetdicom's own path decodes every PDU into objects, queues it to the association thread
+(which polls with 1-ms sleeps), and either holds the whole dataset in memory or writes it to the
+system temp directory with a flush per fragment. For the node's main job that costs most of the
+time budget and breaks bounded memory, so this DUL subclass reads PDUs itself:
+
+* a P-DATA-TF carrying a C-STORE-RQ on an accepted context is handled here, in the DUL thread:
+  the command set is parsed, `Ingest.begin()` opens a temporary file in the cache, each dataset
+  fragment is written to it (hashed on the way), and on the last fragment `Ingest.complete()`
+  makes it durable and indexed; only then is the C-STORE-RSP sent;
+* every other PDU, and every other DIMSE message, goes to pynetdicom unchanged (the same call
+  its DT-2 action makes), so association handling, C-ECHO, release, abort and timers stay its.
+
+PDUs longer than the maximum we advertised are refused before they are read (A-P-ABORT), and
+the socket has a timeout, so a peer that stalls mid-PDU is dropped rather than waited on.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.transport import AssociationSocket
+
+from pacs_node.dimse.status import NOT_AUTHORIZED, PROCESSING_FAILURE, STORE_FAILURE_STATUS, SUCCESS
+from pacs_node.ingest import Ingest, IngestFailure, Reception, Sender
+
+if TYPE_CHECKING:
+    from pynetdicom.association import Association
+
+log = logging.getLogger(__name__)
+
+_HAS_QUICKACK = hasattr(socket, "TCP_QUICKACK")
+_P_DATA_TF = 0x04
+_MAX_CONTROL_PDU = 1024 * 1024  # A-ASSOCIATE-RQ and friends are small; refuse absurd claims
+_PDU_SLACK = 64  # some senders count the PDV headers into the maximum length
+_C_STORE_RQ = 0x0001
+_NO_DATASET = 0x0101
+
+
+def quickack(sock: socket.socket) -> None:
+    """Re-arm TCP_QUICKACK (Linux clears it after a while), so a sender with Nagle on is not
+    left waiting ~40 ms for our delayed ACK on every small instance."""
+    if _HAS_QUICKACK:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+
+
+class TunedSocket(AssociationSocket):
+    """AssociationSocket that re-arms QUICKACK after each read and waits for data in select()
+    (up to `ready_wait`) instead of the reactor's fixed 1-ms sleeps."""
+
+    ready_wait = 0.001
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        sock = self.socket
+        assert sock is not None
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        received = 0
+        while received < nr_bytes:
+            n = sock.recv_into(view[received:], nr_bytes - received)
+            quickack(sock)
+            if not n:
+                return buffer[:received]
+            received += n
+        return buffer
+
+    @property
+    def ready(self) -> bool:
+        if self.socket is None or self._is_connected is False:
+            return False
+        if getattr(self.socket, "pending", lambda: 0)():  # TLS may hold decrypted bytes
+            return True
+        try:
+            readable, _, _ = select.select([self.socket], [], [], self.ready_wait)
+        except (OSError, ValueError):
+            self.event_queue.put("Evt17")
+            return False
+        return bool(readable)
+
+
+class _ProtocolError(Exception):
+    """The peer broke the DICOM upper layer protocol: the association is aborted."""
+
+
+def _parse_command_set(raw: bytes) -> dict[int, bytes]:
+    """Command sets are always implicit VR little endian, group 0000 only."""
+    elements: dict[int, bytes] = {}
+    offset, end = 0, len(raw)
+    while offset + 8 <= end:
+        group, element, length = struct.unpack_from("<HHL", raw, offset)
+        offset += 8
+        if group != 0x0000 or offset + length > end:
+            raise ValueError("malformed command set")
+        elements[element] = raw[offset : offset + length]
+        offset += length
+    if offset != end:
+        raise ValueError("malformed command set")
+    return elements
+
+
+def _us(value: bytes | None) -> int | None:
+    return struct.unpack("<H", value[:2])[0] if value and len(value) >= 2 else None
+
+
+def _ui(value: bytes | None) -> str:
+    return value.rstrip(b"\x00 ").decode("ascii", "replace") if value else ""
+
+
+_IDLE, _PASS, _STORE, _DRAIN = range(4)
+
+
+class StoreReceiver(DULServiceProvider):
+    """The association's DUL, with C-STORE-RQ data streamed straight into ingest."""
+
+    def __init__(
+        self,
+        assoc: Association,
+        ingest: Ingest,
+        may_store: Callable[[str], bool],
+        max_pdu_length: int,
+    ) -> None:
+        super().__init__(assoc)
+        self._ingest = ingest
+        self._may_store = may_store
+        self._max_pdu_length = max_pdu_length
+        self._mode = _IDLE
+        self._command = bytearray()
+        self._command_pdvs: list[tuple[int, bytes]] = []
+        self._pass_pdvs: list[tuple[int, bytes]] = []
+        self._buffer = bytearray(max_pdu_length + _PDU_SLACK)
+        self._reception: Reception | None = None
+        self._failure: IngestFailure | None = None
+        self._refusal_status: int | None = None
+        self._request: dict[int, bytes] = {}
+        self._context_id = 0
+
+    # -- reading PDUs ----------------------------------------------------------------------------
+
+    def _recv_exact(self, n: int) -> memoryview | None:
+        if n > len(self._buffer):
+            self._buffer = bytearray(n)
+        view = memoryview(self._buffer)[:n]
+        sock = self.socket.socket  # type: ignore[union-attr]
+        received = 0
+        while received < n:
+            count = sock.recv_into(view[received:], n - received)
+            quickack(sock)
+            if not count:
+                return None
+            received += count
+        return view
+
+    def _read_pdu_data(self) -> None:
+        try:
+            header = self._recv_exact(6)
+            if header is None:
+                self.event_queue.put("Evt17")  # transport closed
+                return
+            pdu_type, _, length = struct.unpack(">BBL", header)
+            if pdu_type not in range(1, 8):
+                log.warning("event=bad_pdu type=0x%02x peer=%s", pdu_type, self._peer())
+                self.event_queue.put("Evt19")  # unrecognised PDU: A-P-ABORT
+                return
+            limit = (
+                self._max_pdu_length + _PDU_SLACK if pdu_type == _P_DATA_TF else _MAX_CONTROL_PDU
+            )
+            if length > limit:
+                log.warning(
+                    "event=pdu_too_long type=0x%02x length=%d limit=%d peer=%s",
+                    pdu_type,
+                    length,
+                    limit,
+                    self._peer(),
+                )
+                self.event_queue.put("Evt19")
+                return
+            if pdu_type != _P_DATA_TF or self.state_machine.current_state != "Sta6":
+                self._hand_to_pynetdicom(bytes(header), length)
+                return
+            body = self._recv_exact(length)
+            if body is None:
+                self.event_queue.put("Evt17")
+                return
+        except (OSError, TimeoutError) as e:
+            log.info("event=connection_lost peer=%s error=%s", self._peer(), e)
+            self.event_queue.put("Evt17")
+            return
+        try:
+            self._on_p_data(body, length)
+        except _ProtocolError as e:
+            log.warning("event=protocol_error peer=%s error=%s", self._peer(), e)
+            self._abandon("protocol error")
+            self.event_queue.put("Evt19")
+
+    def _hand_to_pynetdicom(self, header: bytes, length: int) -> None:
+        body = self._recv_exact(length)
+        if body is None:
+            self.event_queue.put("Evt17")
+            return
+        try:
+            pdu, event = self._decode_pdu(bytearray(header + bytes(body)))
+        except Exception as e:
+            log.warning("event=bad_pdu peer=%s error=%s", self._peer(), e)
+            self.event_queue.put("Evt19")
+            return
+        self.event_queue.put(event)
+        self._recv_pdu.put(pdu)
+
+    # -- P-DATA ------------------------------------------------------------------------------------
+
+    def _on_p_data(self, body: memoryview, length: int) -> None:
+        offset = 0
+        while offset < length:
+            if offset + 6 > length:
+                raise _ProtocolError("truncated presentation data value item")
+            item_length = struct.unpack_from(">L", body, offset)[0]
+            end = offset + 4 + item_length
+            if item_length < 2 or end > length:
+                raise _ProtocolError("presentation data value item overruns its PDU")
+            self._on_pdv(body[offset + 4], body[offset + 5 : end])
+            offset = end
+        self._flush_to_pynetdicom()
+
+    def _flush_to_pynetdicom(self) -> None:
+        if self._pass_pdvs:
+            primitive = P_DATA()
+            primitive.presentation_data_value_list = [[cx, data] for cx, data in self._pass_pdvs]
+            self._pass_pdvs = []
+            self.assoc.dimse.receive_primitive(primitive)  # what pynetdicom's DT-2 does
+
+    def _on_pdv(self, context_id: int, value: memoryview) -> None:
+        """`value` is the message control header byte followed by the fragment."""
+        control, data = value[0], value[1:]
+        is_command, is_last = control & 1, control & 2
+        if self._mode in (_STORE, _DRAIN):
+            if is_command or context_id != self._context_id:
+                raise _ProtocolError("a new message started before the dataset ended")
+            if self._mode == _STORE:
+                self._write(data)
+            if is_last:
+                self._finish()
+            return
+        if self._mode == _PASS:
+            self._pass_pdvs.append((context_id, bytes(value)))
+            if is_last and not is_command:
+                self._mode = _IDLE
+            return
+        # _IDLE: collecting a command set
+        if not is_command:
+            self._pass_pdvs.append((context_id, bytes(value)))  # pynetdicom will complain
+            return
+        self._command_pdvs.append((context_id, bytes(value)))
+        self._command += data
+        if is_last:
+            self._on_command(context_id)
+
+    def _on_command(self, context_id: int) -> None:
+        pdvs, raw = self._command_pdvs, bytes(self._command)
+        self._command_pdvs, self._command = [], bytearray()
+        try:
+            command = _parse_command_set(raw)
+        except ValueError:
+            command = {}
+        has_dataset = _us(command.get(0x0800)) not in (None, _NO_DATASET)
+        context = self.assoc._accepted_cx.get(context_id)
+        is_store = (
+            _us(command.get(0x0100)) == _C_STORE_RQ
+            and has_dataset
+            and context is not None
+            and _us(command.get(0x0110)) is not None
+            and 0x0002 in command
+            and 0x1000 in command
+        )
+        if not is_store:
+            self._pass_pdvs.extend(pdvs)
+            self._mode = _PASS if has_dataset else _IDLE
+            return
+        self._flush_to_pynetdicom()  # keep message order
+        self._start(context_id, str(context.transfer_syntax[0]), command)  # type: ignore[union-attr]
+
+    # -- one C-STORE -------------------------------------------------------------------------------
+
+    def _start(self, context_id: int, transfer_syntax: str, command: dict[int, bytes]) -> None:
+        self._context_id = context_id
+        self._request = command
+        self._failure = None
+        self._refusal_status = None
+        requestor = self.assoc.requestor
+        calling_ae = requestor.ae_title.strip()
+        if not self._may_store(calling_ae):
+            self._refusal_status = NOT_AUTHORIZED
+            self._mode = _DRAIN
+            log.warning(
+                "event=store_not_authorized calling_ae=%s peer=%s", calling_ae, self._peer()
+            )
+            return
+        try:
+            self._reception = self._ingest.begin(
+                sop_class_uid=_ui(command[0x0002]),
+                sop_uid=_ui(command[0x1000]),
+                transfer_syntax_uid=transfer_syntax,
+                sender=Sender(calling_ae, self._peer()),
+            )
+            self._mode = _STORE
+        except IngestFailure as e:
+            self._failure = e
+            self._mode = _DRAIN  # read and drop the dataset, then answer the failure
+
+    def _write(self, data: memoryview) -> None:
+        assert self._reception is not None
+        try:
+            self._reception.write(data)
+        except IngestFailure as e:
+            self._failure = e  # the file is already discarded
+            self._reception = None
+            self._mode = _DRAIN
+
+    def _finish(self) -> None:
+        status, comment = SUCCESS, None
+        if self._refusal_status is not None:
+            status, comment = self._refusal_status, "calling AE may not store here"
+        elif self._failure is not None:
+            status, comment = STORE_FAILURE_STATUS[self._failure.kind], str(self._failure)
+            if self._reception is None:  # failed before or while receiving: audit it once
+                self._ingest.record_refusal(
+                    _ui(self._request.get(0x1000)),
+                    Sender(self.assoc.requestor.ae_title.strip(), self._peer()),
+                    self._failure,
+                )
+        else:
+            reception, self._reception = self._reception, None
+            assert reception is not None
+            try:
+                self._ingest.complete(reception)
+            except IngestFailure as e:
+                status, comment = STORE_FAILURE_STATUS[e.kind], str(e)
+            except Exception:
+                log.exception("event=store_error sop_uid=%s", reception.sop_uid)
+                status, comment = PROCESSING_FAILURE, "internal error, see the node's log"
+        self._reception = None
+        self._mode = _IDLE
+        self._respond(status, comment)
+
+    def _respond(self, status: int, comment: str | None) -> None:
+        response = C_STORE()
+        response.MessageIDBeingRespondedTo = _us(self._request.get(0x0110))
+        response.AffectedSOPClassUID = _ui(self._request.get(0x0002)) or None
+        response.AffectedSOPInstanceUID = _ui(self._request.get(0x1000)) or None
+        response.Status = status
+        if comment and status != SUCCESS:
+            response.ErrorComment = comment[:64]
+        message = C_STORE_RSP()
+        message.primitive_to_message(response)
+        for p_data in message.encode_msg(self._context_id, self.assoc.requestor.maximum_length):
+            self._send(P_DATA_TF(p_data))  # we are the DUL thread, so sending here is safe
+
+    def _abandon(self, reason: str) -> None:
+        reception, self._reception = self._reception, None
+        if reception is not None:
+            self._ingest.abandon(reception, reason)
+        self._mode = _IDLE
+
+    def _peer(self) -> str:
+        requestor = self.assoc.requestor
+        return f"{requestor.address}:{requestor.port}"
+
+    def run_reactor(self) -> None:
+        try:
+            super().run_reactor()
+        finally:
+            # The association ended (release, abort, reset, shutdown) mid-instance: that
+            # instance was never acknowledged, so nothing of it is kept.
+            self._abandon("association ended before the last fragment")
+            self._ingest.release_thread()

@@ -1,0 +1,33 @@
+"""Named DIMSE statuses, and the one mapping from ingest failures to C-STORE statuses."""
+
+from __future__ import annotations
+
+from pacs_node.ingest import FailureKind
+
+SUCCESS = 0x0000
+
+# C-STORE (PS3.4 Annex B.2.3): 0xA7xx Refused: Out of Resources (the sender keeps its copy and
+# retries later), 0xA9xx Data Set does not match SOP Class, 0xCxxx Cannot understand.
+OUT_OF_RESOURCES = 0xA700  # the cache filesystem is full (or below its free-space reserve)
+OUT_OF_RESOURCES_INDEX = 0xA701  # the index stayed locked/unavailable past its timeout
+OUT_OF_RESOURCES_TOO_LARGE = 0xA702  # the instance exceeds dicom.max_object_bytes
+OUT_OF_RESOURCES_STORAGE = 0xA703  # another storage error (I/O error, permissions)
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND_UNREADABLE = 0xC210  # truncated or malformed dataset
+CANNOT_UNDERSTAND_INVALID_UID = 0xC211  # a UID that is not a DICOM UID
+CANNOT_UNDERSTAND_UID_MISMATCH = 0xC212  # dataset SOP Instance UID != command's
+CANNOT_UNDERSTAND_CONFLICT = 0xC213  # same UID, different bytes, and the site rejects those
+NOT_AUTHORIZED = 0x0124  # Refused: the calling AE may not use this service
+PROCESSING_FAILURE = 0x0110  # anything unexpected: a bug, logged with its traceback
+
+STORE_FAILURE_STATUS: dict[FailureKind, int] = {
+    FailureKind.OUT_OF_SPACE: OUT_OF_RESOURCES,
+    FailureKind.INDEX_UNAVAILABLE: OUT_OF_RESOURCES_INDEX,
+    FailureKind.TOO_LARGE: OUT_OF_RESOURCES_TOO_LARGE,
+    FailureKind.STORAGE_ERROR: OUT_OF_RESOURCES_STORAGE,
+    FailureKind.SOP_CLASS_MISMATCH: DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    FailureKind.UNREADABLE: CANNOT_UNDERSTAND_UNREADABLE,
+    FailureKind.INVALID_UID: CANNOT_UNDERSTAND_INVALID_UID,
+    FailureKind.UID_MISMATCH: CANNOT_UNDERSTAND_UID_MISMATCH,
+    FailureKind.CONFLICT_REJECTED: CANNOT_UNDERSTAND_CONFLICT,
+}

@@ -1,0 +1,311 @@
+"""The index: SQLite (WAL) through peewee, answering with plain objects from records.py."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import peewee as pw
+
+from pacs_node.index.records import InstanceAttributes, InstanceVersion, NewInstance, StatusCounts
+from pacs_node.index.schema import Models, build_models, migrate
+
+log = logging.getLogger(__name__)
+
+
+class IndexFailure(RuntimeError):
+    """The index could not answer or record (the caller maps this to a failure status)."""
+
+
+class IndexBusy(IndexFailure):
+    """The database stayed locked past the busy timeout."""
+
+
+class DuplicateVersion(IndexFailure):
+    """Another writer indexed the same SOP Instance UID and version first."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+@contextmanager
+def _translate_errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except pw.IntegrityError as e:
+        if "instance.sop_uid" in str(e):
+            raise DuplicateVersion(f"{what}: {e}") from e
+        raise IndexFailure(f"{what}: {e}") from e
+    except (pw.OperationalError, sqlite3.OperationalError) as e:
+        if "locked" in str(e) or "busy" in str(e):
+            raise IndexBusy(f"{what}: database is locked ({e})") from e
+        raise IndexFailure(f"{what}: {e}") from e
+    except pw.PeeweeException as e:
+        raise IndexFailure(f"{what}: {e}") from e
+
+
+class _IdCache:
+    """Small LRU of UID -> row id for patients, studies and series (rows are never deleted
+    while the node runs), so the common case of many instances per series skips the lookups."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._items: OrderedDict[tuple[str, ...], int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, ...]) -> int | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: tuple[str, ...], value: int) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+class Index:
+    """Open with `open()`; every method is safe to call from any thread."""
+
+    def __init__(self, path: Path, *, busy_timeout_s: float = 10.0) -> None:
+        self.path = path
+        self._db = pw.SqliteDatabase(
+            str(path),
+            pragmas={
+                "journal_mode": "wal",
+                # FULL: a commit is fsynced to the WAL before it returns (the durability contract).
+                "synchronous": "full",
+                "foreign_keys": 1,
+                "busy_timeout": int(busy_timeout_s * 1000),
+            },
+            timeout=busy_timeout_s,
+            check_same_thread=False,
+        )
+        self.models: Models = build_models(self._db)
+        self._ids = _IdCache()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with _translate_errors("opening the index"):
+            self._db.connect(reuse_if_open=True)
+            started_from = migrate(self._db, self.models)
+        if started_from == 0:
+            log.info("event=index_created path=%s", self.path)
+
+    def release_thread(self) -> None:
+        """Close this thread's connection (an association's thread is about to end)."""
+        if not self._db.is_closed():
+            self._db.close()
+
+    def close(self) -> None:
+        self.release_thread()
+
+    # -- ingest ---------------------------------------------------------------------------------
+
+    def versions_of(self, sop_uid: str) -> list[InstanceVersion]:
+        m = self.models
+        with _translate_errors(f"looking up {sop_uid}"):
+            rows = (
+                m.Instance.select(
+                    m.Instance.sop_uid,
+                    m.Instance.version,
+                    m.Instance.sha256,
+                    m.Instance.cache_path,
+                    m.Instance.file_size,
+                )
+                .where(m.Instance.sop_uid == sop_uid)
+                .order_by(m.Instance.version)
+                .tuples()
+            )
+            return [InstanceVersion(*row) for row in rows]
+
+    def add_instance(self, new: NewInstance) -> None:
+        """Index one instance version and queue its replication job, in one transaction."""
+        m = self.models
+        a = new.attributes
+        created: list[tuple[tuple[str, ...], int]] = []
+        with _translate_errors(f"indexing {a.sop_uid}"), self._db.atomic("IMMEDIATE"):
+            patient_id = self._patient_id(a, created)
+            study_id = self._study_id(a, patient_id, created)
+            series_id = self._series_id(a, study_id, created)
+            instance = m.Instance.create(
+                series=series_id,
+                sop_uid=a.sop_uid,
+                version=new.version,
+                sop_class_uid=a.sop_class_uid,
+                instance_number=a.instance_number,
+                transfer_syntax_uid=new.transfer_syntax_uid,
+                specific_character_set=a.specific_character_set,
+                file_size=new.file_size,
+                dataset_offset=new.dataset_offset,
+                sha256=new.sha256,
+                cache_path=new.cache_path,
+                received_at=new.received_at,
+                calling_ae=new.calling_ae,
+                peer_address=new.peer_address,
+                needs_review=new.version > 1,
+            )
+            m.ReplicationJob.create(instance=instance, created_at=new.received_at)
+        # Remember new ids only once the transaction that made them is committed.
+        for key, row_id in created:
+            self._ids.put(key, row_id)
+
+    def _patient_id(self, a: InstanceAttributes, created: list) -> int:
+        key = ("patient", a.patient_id, a.issuer_of_patient_id)
+        cached = self._ids.get(key)
+        if cached is not None:
+            return cached
+        m = self.models
+        row = (
+            m.Patient.select(m.Patient.id)
+            .where(
+                (m.Patient.patient_id == a.patient_id)
+                & (m.Patient.issuer_of_patient_id == a.issuer_of_patient_id)
+            )
+            .first()
+        )
+        if row is None:
+            row = m.Patient.create(
+                patient_id=a.patient_id,
+                issuer_of_patient_id=a.issuer_of_patient_id,
+                patient_name=a.patient_name,
+                patient_birth_date=a.patient_birth_date,
+                patient_sex=a.patient_sex,
+                specific_character_set=a.specific_character_set,
+            )
+        created.append((key, row.id))
+        return row.id
+
+    def _study_id(self, a: InstanceAttributes, patient_id: int, created: list) -> int:
+        key = ("study", a.study_uid)
+        cached = self._ids.get(key)
+        if cached is not None:
+            return cached
+        m = self.models
+        row = m.Study.select(m.Study.id).where(m.Study.study_uid == a.study_uid).first()
+        if row is None:
+            row = m.Study.create(
+                patient=patient_id,
+                study_uid=a.study_uid,
+                study_date=a.study_date,
+                study_time=a.study_time,
+                accession_number=a.accession_number,
+                study_id=a.study_id,
+                study_description=a.study_description,
+                referring_physician_name=a.referring_physician_name,
+                specific_character_set=a.specific_character_set,
+            )
+        created.append((key, row.id))
+        return row.id
+
+    def _series_id(self, a: InstanceAttributes, study_id: int, created: list) -> int:
+        key = ("series", a.series_uid)
+        cached = self._ids.get(key)
+        if cached is not None:
+            return cached
+        m = self.models
+        row = m.Series.select(m.Series.id).where(m.Series.series_uid == a.series_uid).first()
+        if row is None:
+            row = m.Series.create(
+                study=study_id,
+                series_uid=a.series_uid,
+                modality=a.modality,
+                series_number=a.series_number,
+                series_description=a.series_description,
+                body_part_examined=a.body_part_examined,
+            )
+        created.append((key, row.id))
+        return row.id
+
+    # -- operator views -------------------------------------------------------------------------
+
+    def status(self) -> StatusCounts:
+        m = self.models
+        with _translate_errors("reading status"):
+            instances, cache_bytes, last = m.Instance.select(
+                pw.fn.COUNT(m.Instance.id),
+                pw.fn.COALESCE(
+                    pw.fn.SUM(
+                        pw.Case(
+                            None, [(m.Instance.cache_path.is_null(False), m.Instance.file_size)], 0
+                        )
+                    ),
+                    0,
+                ),
+                pw.fn.MAX(m.Instance.received_at),
+            ).scalar(as_tuple=True)
+            pending, oldest = (
+                m.ReplicationJob.select(
+                    pw.fn.COUNT(m.ReplicationJob.id), pw.fn.MIN(m.ReplicationJob.created_at)
+                )
+                .where(m.ReplicationJob.state == "pending")
+                .scalar(as_tuple=True)
+            )
+            return StatusCounts(
+                patients=m.Patient.select().count(),
+                studies=m.Study.select().count(),
+                series=m.Series.select().count(),
+                instances=instances,
+                cache_bytes=int(cache_bytes or 0),
+                last_received_at=_as_datetime(last),
+                versions_pending_review=m.Instance.select()
+                .where(m.Instance.needs_review == True)  # noqa: E712 (peewee expression)
+                .count(),
+                replication_pending=pending,
+                oldest_pending_received_at=_as_datetime(oldest),
+            )
+
+    def versions_pending_review(self) -> list[InstanceVersion]:
+        m = self.models
+        with _translate_errors("listing versions pending review"):
+            rows = (
+                m.Instance.select(
+                    m.Instance.sop_uid,
+                    m.Instance.version,
+                    m.Instance.sha256,
+                    m.Instance.cache_path,
+                    m.Instance.file_size,
+                )
+                .where(m.Instance.needs_review == True)  # noqa: E712
+                .order_by(m.Instance.received_at)
+                .tuples()
+            )
+            return [InstanceVersion(*row) for row in rows]
+
+    def all_instances(self) -> list[tuple[str, int, str, str | None, int, int]]:
+        """(sop_uid, version, sha256, cache_path, file_size, dataset_offset) of every instance."""
+        m = self.models
+        with _translate_errors("listing instances"):
+            return list(
+                m.Instance.select(
+                    m.Instance.sop_uid,
+                    m.Instance.version,
+                    m.Instance.sha256,
+                    m.Instance.cache_path,
+                    m.Instance.file_size,
+                    m.Instance.dataset_offset,
+                ).tuples()
+            )
+
+
+def _as_datetime(value: object) -> datetime | None:
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value))

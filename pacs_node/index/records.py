@@ -1,0 +1,73 @@
+"""Plain objects that cross the index boundary (peewee rows never leave index/)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class InstanceAttributes:
+    """What C-FIND will need at each level, as read from one instance's dataset."""
+
+    patient_id: str
+    issuer_of_patient_id: str
+    patient_name: str
+    patient_birth_date: str
+    patient_sex: str
+    study_uid: str
+    study_date: str
+    study_time: str
+    accession_number: str
+    study_id: str
+    study_description: str
+    referring_physician_name: str
+    series_uid: str
+    modality: str
+    series_number: int | None
+    series_description: str
+    body_part_examined: str
+    sop_uid: str
+    sop_class_uid: str
+    instance_number: int | None
+    specific_character_set: str
+
+
+@dataclass(frozen=True)
+class NewInstance:
+    """One received instance version, ready to be indexed with its replication job."""
+
+    attributes: InstanceAttributes
+    version: int
+    transfer_syntax_uid: str
+    file_size: int
+    dataset_offset: int
+    sha256: str
+    cache_path: str
+    received_at: datetime
+    calling_ae: str
+    peer_address: str
+
+
+@dataclass(frozen=True)
+class InstanceVersion:
+    """An indexed version of a SOP instance."""
+
+    sop_uid: str
+    version: int
+    sha256: str
+    cache_path: str | None
+    file_size: int
+
+
+@dataclass(frozen=True)
+class StatusCounts:
+    patients: int
+    studies: int
+    series: int
+    instances: int
+    cache_bytes: int
+    last_received_at: datetime | None
+    versions_pending_review: int
+    replication_pending: int
+    oldest_pending_received_at: datetime | None

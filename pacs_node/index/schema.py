@@ -1,0 +1,149 @@
+"""THE schema: peewee models bound to one database, and the migrations that build it.
+
+Models are created per database by `build_models()` so that two indexes in one process (a test
+beside a server, a restore drill beside a live node) never share state through class binding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import peewee as pw
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Models:
+    SchemaInfo: type[pw.Model]
+    Patient: type[pw.Model]
+    Study: type[pw.Model]
+    Series: type[pw.Model]
+    Instance: type[pw.Model]
+    ReplicationJob: type[pw.Model]
+
+    def all(self) -> list[type[pw.Model]]:
+        return [
+            self.SchemaInfo,
+            self.Patient,
+            self.Study,
+            self.Series,
+            self.Instance,
+            self.ReplicationJob,
+        ]
+
+
+def build_models(database: pw.Database) -> Models:
+    class Base(pw.Model):
+        class Meta:
+            legacy_table_names = False
+
+    Base._meta.set_database(database)
+
+    class SchemaInfo(Base):
+        version = pw.IntegerField()
+
+    class Patient(Base):
+        patient_id = pw.TextField(index=True)
+        issuer_of_patient_id = pw.TextField(default="")
+        patient_name = pw.TextField(default="", index=True)
+        patient_birth_date = pw.TextField(default="")
+        patient_sex = pw.TextField(default="")
+        specific_character_set = pw.TextField(default="")
+
+        class Meta:
+            indexes = ((("patient_id", "issuer_of_patient_id"), True),)
+
+    class Study(Base):
+        patient = pw.ForeignKeyField(Patient, backref="studies", on_delete="RESTRICT")
+        study_uid = pw.TextField(unique=True)
+        study_date = pw.TextField(default="", index=True)
+        study_time = pw.TextField(default="")
+        accession_number = pw.TextField(default="", index=True)
+        study_id = pw.TextField(default="")
+        study_description = pw.TextField(default="")
+        referring_physician_name = pw.TextField(default="")
+        specific_character_set = pw.TextField(default="")
+
+    class Series(Base):
+        study = pw.ForeignKeyField(Study, backref="series", on_delete="RESTRICT")
+        series_uid = pw.TextField(unique=True)
+        modality = pw.TextField(default="", index=True)
+        series_number = pw.IntegerField(null=True)
+        series_description = pw.TextField(default="")
+        body_part_examined = pw.TextField(default="")
+
+    class Instance(Base):
+        series = pw.ForeignKeyField(Series, backref="instances", on_delete="RESTRICT")
+        sop_uid = pw.TextField()
+        version = pw.IntegerField(default=1)
+        sop_class_uid = pw.TextField()
+        instance_number = pw.IntegerField(null=True)
+        transfer_syntax_uid = pw.TextField()
+        specific_character_set = pw.TextField(default="")
+        file_size = pw.BigIntegerField()
+        dataset_offset = pw.IntegerField()
+        sha256 = pw.FixedCharField(max_length=64)
+        cache_path = pw.TextField(null=True)  # NULL once evicted from the cache
+        received_at = pw.DateTimeField(index=True)
+        calling_ae = pw.TextField()
+        peer_address = pw.TextField()
+        replicated_at = pw.DateTimeField(null=True)
+        # Set on versions > 1 until an operator has reviewed the conflict.
+        needs_review = pw.BooleanField(default=False, index=True)
+
+        class Meta:
+            indexes = ((("sop_uid", "version"), True),)
+
+    class ReplicationJob(Base):
+        instance = pw.ForeignKeyField(Instance, unique=True, on_delete="CASCADE")
+        state = pw.TextField(default="pending", index=True)  # pending | done
+        attempts = pw.IntegerField(default=0)
+        next_attempt_at = pw.DateTimeField(null=True)
+        lease_owner = pw.TextField(null=True)
+        lease_until = pw.DateTimeField(null=True)
+        last_error = pw.TextField(null=True)
+        created_at = pw.DateTimeField()
+
+    return Models(
+        SchemaInfo=SchemaInfo,
+        Patient=Patient,
+        Study=Study,
+        Series=Series,
+        Instance=Instance,
+        ReplicationJob=ReplicationJob,
+    )
+
+
+def _create_v1(database: pw.Database, models: Models) -> None:
+    database.create_tables(models.all())
+
+
+# Migration N builds schema version N from N-1. Append, never edit a released one.
+MIGRATIONS: dict[int, Callable[[pw.Database, Models], None]] = {1: _create_v1}
+
+
+class SchemaTooNew(RuntimeError):
+    """The index was written by a newer pacs-node than this one."""
+
+
+def migrate(database: pw.Database, models: Models) -> int:
+    """Bring the database to SCHEMA_VERSION; returns the version it started from."""
+    with database.atomic("IMMEDIATE"):
+        if models.SchemaInfo.table_exists():
+            row = models.SchemaInfo.select().first()
+            current = row.version if row else 0
+        else:
+            current = 0
+        if current > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"index schema version {current} is newer than this pacs-node "
+                f"supports ({SCHEMA_VERSION}); upgrade pacs-node"
+            )
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            MIGRATIONS[version](database, models)
+        if current < SCHEMA_VERSION:
+            models.SchemaInfo.delete().execute()
+            models.SchemaInfo.create(version=SCHEMA_VERSION)
+    return current

@@ -1,0 +1,350 @@
+"""Ingest: turn one received C-STORE into a durable, indexed, queued instance.
+
+The order is the durability contract: the file is fsynced under its final name, then the index
+row and its replication job are committed in one transaction, and only then does `complete()`
+return, so that the caller may answer Success. Every failure raises an `IngestFailure` naming
+what went wrong; the DICOM layer maps its kind to a status.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
+
+from pacs_node import __version__
+from pacs_node.audit import AuditLog
+from pacs_node.config import DuplicatesConfig
+from pacs_node.dataset import DatasetUnreadable, read_attributes
+from pacs_node.index import Index, IndexFailure, NewInstance
+from pacs_node.index.catalog import utcnow
+from pacs_node.storage.cache import (
+    Cache,
+    CacheError,
+    CacheFull,
+    IncomingFile,
+    ObjectTooLarge,
+    StoredFile,
+)
+from pacs_node.storage.layout import InstanceLocation, InvalidUID, locate, validate_uid
+
+log = logging.getLogger(__name__)
+
+IMPLEMENTATION_CLASS_UID = UID("1.2.826.0.1.3680043.10.1464.1")
+IMPLEMENTATION_VERSION_NAME = f"PACS_NODE_{__version__}"[:16]
+
+
+class FailureKind(enum.Enum):
+    """Why an instance was not stored; dimse/ maps each kind to a DICOM status."""
+
+    OUT_OF_SPACE = "out_of_space"
+    TOO_LARGE = "too_large"
+    INDEX_UNAVAILABLE = "index_unavailable"
+    STORAGE_ERROR = "storage_error"
+    INVALID_UID = "invalid_uid"
+    UID_MISMATCH = "uid_mismatch"
+    SOP_CLASS_MISMATCH = "sop_class_mismatch"
+    UNREADABLE = "unreadable"
+    CONFLICT_REJECTED = "conflict_rejected"
+
+
+class IngestFailure(Exception):
+    def __init__(self, kind: FailureKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class Outcome(enum.Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # same SOP Instance UID, same bytes: idempotent
+    NEW_VERSION = "new_version"  # same SOP Instance UID, different bytes: kept beside the first
+
+
+@dataclass(frozen=True)
+class Sender:
+    ae_title: str
+    address: str  # host:port of the peer
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    outcome: Outcome
+    sop_uid: str
+    version: int
+    sha256: str
+
+
+@dataclass
+class Reception:
+    """One C-STORE being received: what the command said, and the file filling up."""
+
+    sop_class_uid: str
+    sop_uid: str
+    transfer_syntax_uid: str
+    sender: Sender
+    incoming: IncomingFile
+    started: float
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        try:
+            self.incoming.write(chunk)
+        except ObjectTooLarge as e:
+            raise IngestFailure(FailureKind.TOO_LARGE, str(e)) from e
+        except CacheFull as e:
+            raise IngestFailure(FailureKind.OUT_OF_SPACE, str(e)) from e
+        except CacheError as e:
+            raise IngestFailure(FailureKind.STORAGE_ERROR, str(e)) from e
+
+
+def file_meta_header(
+    sop_class_uid: str, sop_uid: str, transfer_syntax_uid: str, sender: str
+) -> bytes:
+    """Zeroed 128-byte preamble, 'DICM' and the File Meta group for a received dataset."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = transfer_syntax_uid
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    meta.SourceApplicationEntityTitle = sender[:16]
+    buffer = io.BytesIO()
+    buffer.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta, enforce_standard=True)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+class _StripedLocks:
+    """Serialises work on one SOP Instance UID without one global lock."""
+
+    def __init__(self, stripes: int = 64) -> None:
+        self._locks = [threading.Lock() for _ in range(stripes)]
+
+    def __call__(self, key: str) -> threading.Lock:
+        return self._locks[hash(key) % len(self._locks)]
+
+
+class Ingest:
+    def __init__(
+        self, cache: Cache, index: Index, audit: AuditLog, duplicates: DuplicatesConfig
+    ) -> None:
+        self._cache = cache
+        self._index = index
+        self._audit = audit
+        self._duplicates = duplicates
+        self._locks = _StripedLocks()
+
+    def release_thread(self) -> None:
+        """The calling thread is done storing (its association ended)."""
+        self._index.release_thread()
+
+    def begin(
+        self, *, sop_class_uid: str, sop_uid: str, transfer_syntax_uid: str, sender: Sender
+    ) -> Reception:
+        """Open a temporary file for one C-STORE; raises IngestFailure when it cannot be taken."""
+        try:
+            sop_uid = validate_uid(sop_uid, "Affected SOP Instance UID")
+            sop_class_uid = validate_uid(sop_class_uid, "Affected SOP Class UID")
+        except InvalidUID as e:
+            raise IngestFailure(FailureKind.INVALID_UID, str(e)) from e
+        header = file_meta_header(sop_class_uid, sop_uid, transfer_syntax_uid, sender.ae_title)
+        try:
+            incoming = self._cache.begin(header)
+        except CacheFull as e:
+            raise IngestFailure(FailureKind.OUT_OF_SPACE, str(e)) from e
+        except CacheError as e:
+            raise IngestFailure(FailureKind.STORAGE_ERROR, str(e)) from e
+        return Reception(
+            sop_class_uid=sop_class_uid,
+            sop_uid=sop_uid,
+            transfer_syntax_uid=transfer_syntax_uid,
+            sender=sender,
+            incoming=incoming,
+            started=time.perf_counter(),
+        )
+
+    def abandon(self, reception: Reception, reason: str) -> None:
+        """The transfer ended before its last fragment (abort, reset, shutdown): keep nothing."""
+        reception.incoming.discard()
+        log.warning(
+            "event=store_abandoned sop_uid=%s calling_ae=%s peer=%s reason=%s",
+            reception.sop_uid,
+            reception.sender.ae_title,
+            reception.sender.address,
+            reason,
+        )
+        self._audit_safely(
+            "instance_abandoned",
+            sop_instance_uid=reception.sop_uid,
+            calling_ae=reception.sender.ae_title,
+            peer=reception.sender.address,
+            reason=reason,
+        )
+
+    def record_refusal(self, sop_uid: str, sender: Sender, failure: IngestFailure) -> None:
+        """A C-STORE refused before its dataset was complete (bad UID, too large, disk full)."""
+        self._log_failure(sop_uid, sender, failure)
+
+    def _log_failure(self, sop_uid: str, sender: Sender, failure: IngestFailure) -> None:
+        log.warning(
+            "event=store_failed sop_uid=%s calling_ae=%s peer=%s kind=%s reason=%s",
+            sop_uid,
+            sender.ae_title,
+            sender.address,
+            failure.kind.value,
+            failure,
+        )
+        self._audit_safely(
+            "instance_rejected",
+            sop_instance_uid=sop_uid,
+            calling_ae=sender.ae_title,
+            peer=sender.address,
+            kind=failure.kind.value,
+            reason=str(failure),
+        )
+
+    def complete(self, reception: Reception) -> StoreResult:
+        """Check, store durably and index the received instance. Success only if this returns."""
+        try:
+            result = self._complete(reception)
+        except IngestFailure as e:
+            reception.incoming.discard()
+            self._log_failure(reception.sop_uid, reception.sender, e)
+            raise
+        except BaseException:
+            reception.incoming.discard()
+            raise
+        return result
+
+    def _complete(self, reception: Reception) -> StoreResult:
+        incoming = reception.incoming
+        try:
+            attributes = read_attributes(
+                str(incoming.path), incoming.dataset_offset, reception.transfer_syntax_uid
+            )
+        except DatasetUnreadable as e:
+            raise IngestFailure(FailureKind.UNREADABLE, str(e)) from e
+        if attributes.sop_uid.rstrip("\x00 ") != reception.sop_uid:
+            raise IngestFailure(
+                FailureKind.UID_MISMATCH,
+                "the dataset's SOP Instance UID differs from the command's "
+                "Affected SOP Instance UID",
+            )
+        if attributes.sop_class_uid.rstrip("\x00 ") != reception.sop_class_uid:
+            raise IngestFailure(
+                FailureKind.SOP_CLASS_MISMATCH,
+                "the dataset's SOP Class UID differs from the command's Affected SOP Class UID",
+            )
+        try:
+            location = locate(attributes.study_uid, attributes.series_uid, attributes.sop_uid)
+        except InvalidUID as e:
+            raise IngestFailure(FailureKind.INVALID_UID, str(e)) from e
+
+        sha256 = incoming.sha256
+        with self._locks(reception.sop_uid):
+            versions = self._call_index(self._index.versions_of, reception.sop_uid)
+            for existing in versions:
+                if existing.sha256 == sha256:
+                    incoming.discard()
+                    self._log_stored(reception, Outcome.DUPLICATE, existing.version, sha256)
+                    return StoreResult(
+                        Outcome.DUPLICATE, reception.sop_uid, existing.version, sha256
+                    )
+            version = versions[-1].version + 1 if versions else 1
+            if version > 1 and self._duplicates.on_different_bytes == "reject":
+                raise IngestFailure(
+                    FailureKind.CONFLICT_REJECTED,
+                    f"SOP Instance UID already stored with different bytes "
+                    f"(sha256 {versions[0].sha256[:12]}...); duplicates.on_different_bytes=reject",
+                )
+            location = locate(location.study_uid, location.series_uid, location.sop_uid, version)
+            stored = self._commit_file(incoming, location)
+            new = NewInstance(
+                attributes=attributes,
+                version=version,
+                transfer_syntax_uid=reception.transfer_syntax_uid,
+                file_size=stored.size,
+                dataset_offset=incoming.dataset_offset,
+                sha256=sha256,
+                cache_path=stored.relative_path,
+                received_at=utcnow(),
+                calling_ae=reception.sender.ae_title,
+                peer_address=reception.sender.address,
+            )
+            try:
+                self._call_index(self._index.add_instance, new)
+            except IngestFailure:
+                # Not indexed, so not acknowledged: take the file back so nothing is orphaned.
+                self._cache.remove(stored.relative_path)
+                raise
+        outcome = Outcome.STORED if version == 1 else Outcome.NEW_VERSION
+        self._log_stored(reception, outcome, version, sha256, new)
+        return StoreResult(outcome, reception.sop_uid, version, sha256)
+
+    def _commit_file(self, incoming: IncomingFile, location: InstanceLocation) -> StoredFile:
+        relative = str(location.relative_path())
+        if self._cache.path_of(relative).exists():
+            # No index row has this version (checked under the lock), so this file is what a
+            # crash between file commit and index commit left: never acknowledged, safe to drop.
+            log.warning("event=orphan_replaced path=%s", relative)
+            self._cache.remove(relative)
+        try:
+            return self._cache.commit(incoming, location)
+        except CacheFull as e:
+            raise IngestFailure(FailureKind.OUT_OF_SPACE, str(e)) from e
+        except CacheError as e:
+            raise IngestFailure(FailureKind.STORAGE_ERROR, str(e)) from e
+
+    def _call_index(self, method, *args):  # type: ignore[no-untyped-def]
+        try:
+            return method(*args)
+        except IndexFailure as e:
+            raise IngestFailure(FailureKind.INDEX_UNAVAILABLE, str(e)) from e
+
+    def _log_stored(
+        self,
+        reception: Reception,
+        outcome: Outcome,
+        version: int,
+        sha256: str,
+        new: NewInstance | None = None,
+    ) -> None:
+        elapsed_ms = (time.perf_counter() - reception.started) * 1000
+        log.info(
+            "event=instance_%s sop_uid=%s version=%d calling_ae=%s peer=%s bytes=%d ms=%.1f",
+            outcome.value,
+            reception.sop_uid,
+            version,
+            reception.sender.ae_title,
+            reception.sender.address,
+            reception.incoming.dataset_size,
+            elapsed_ms,
+        )
+        fields: dict[str, object] = {
+            "sop_instance_uid": reception.sop_uid,
+            "sop_class_uid": reception.sop_class_uid,
+            "version": version,
+            "sha256": sha256,
+            "calling_ae": reception.sender.ae_title,
+            "peer": reception.sender.address,
+            "bytes": reception.incoming.dataset_size,
+        }
+        if new is not None:
+            fields["study_instance_uid"] = new.attributes.study_uid
+            fields["series_instance_uid"] = new.attributes.series_uid
+            fields["transfer_syntax_uid"] = new.transfer_syntax_uid
+        self._audit_safely(f"instance_{outcome.value}", **fields)
+
+    def _audit_safely(self, event: str, **fields: object) -> None:
+        # The instance is already durable; a failing audit write must not turn that into a
+        # failure status, but it must be seen.
+        try:
+            self._audit.record(event, **fields)
+        except OSError as e:
+            log.error("event=audit_write_failed audit_event=%s error=%s", event, e)

@@ -1,0 +1,227 @@
+"""The local cache: instance files written atomically and durably.
+
+An instance is received into a temporary file under `<cache>/.incoming/` (same filesystem, so the
+final step is a link, never a copy), then `commit()` fsyncs it, links it to its final name (which
+never replaces an existing file), removes the temporary name and fsyncs every directory it
+touched. Only after `commit()` returns may the caller acknowledge the instance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pacs_node.storage.layout import InstanceLocation
+
+log = logging.getLogger(__name__)
+
+INCOMING_DIR = ".incoming"
+_TMP_SUFFIX = ".part"
+
+
+class CacheError(Exception):
+    """The cache could not store an instance (the caller answers a failure status)."""
+
+
+class CacheFull(CacheError):
+    """Not enough free space (below the configured reserve, or ENOSPC)."""
+
+
+class ObjectTooLarge(CacheError):
+    """The instance exceeds the configured maximum object size."""
+
+
+class AlreadyStored(CacheError):
+    """A file already exists at the destination: the cache never overwrites."""
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _raise_for_os_error(e: OSError, what: str) -> None:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise CacheFull(f"{what}: no space left on the cache filesystem") from e
+    raise CacheError(f"{what}: {e.strerror or e}") from e
+
+
+class IncomingFile:
+    """A file being received: DICOM header first, then dataset bytes as they arrive.
+
+    Hashes the dataset bytes (SHA-256) while writing, so nothing is read twice.
+    """
+
+    def __init__(self, path: Path, header: bytes, max_bytes: int) -> None:
+        self.path = path
+        self._max_bytes = max_bytes
+        self._sha256 = hashlib.sha256()
+        self.dataset_offset = len(header)
+        self.dataset_size = 0
+        self._closed = False
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except OSError as e:
+            _raise_for_os_error(e, "creating a temporary file")
+        self._write_all(header)
+
+    def _write_all(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as e:
+            self.discard()
+            _raise_for_os_error(e, f"writing {self.path.name}")
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        """Append dataset bytes; raise ObjectTooLarge or CacheFull (and discard the file)."""
+        self.dataset_size += len(chunk)
+        if self.dataset_size > self._max_bytes:
+            self.discard()
+            raise ObjectTooLarge(
+                f"instance exceeds dicom.max_object_bytes ({self._max_bytes} bytes)"
+            )
+        self._sha256.update(chunk)
+        self._write_all(chunk)
+
+    @property
+    def sha256(self) -> str:
+        return self._sha256.hexdigest()
+
+    @property
+    def file_size(self) -> int:
+        return self.dataset_offset + self.dataset_size
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self._fd)
+
+    def fsync_and_close(self) -> None:
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            self.discard()
+            _raise_for_os_error(e, f"fsync of {self.path.name}")
+        self._close()
+
+    def discard(self) -> None:
+        """Close and remove the temporary file; safe to call more than once."""
+        self._close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    relative_path: str
+    size: int
+
+
+class Cache:
+    """The instance cache below one root directory."""
+
+    def __init__(self, root: Path, *, min_free_bytes: int, max_object_bytes: int) -> None:
+        self.root = root
+        self.incoming = root / INCOMING_DIR
+        self._min_free_bytes = min_free_bytes
+        self._max_object_bytes = max_object_bytes
+        self._counter = 0
+
+    def open(self) -> int:
+        """Create the directories and remove what a crash left half-received.
+
+        A temporary file was never acknowledged (Success is sent only after commit), so
+        removing it loses nothing. Returns how many were removed.
+        """
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        removed = 0
+        for leftover in self.incoming.glob(f"*{_TMP_SUFFIX}"):
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            fsync_dir(self.incoming)
+        return removed
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def begin(self, header: bytes, expected_size: int = 0) -> IncomingFile:
+        """Start receiving one instance; raises CacheFull below the free-space reserve."""
+        if self._min_free_bytes and self.free_bytes() < self._min_free_bytes + expected_size:
+            raise CacheFull(
+                f"free space on the cache filesystem is below storage.min_free_bytes "
+                f"({self._min_free_bytes} bytes)"
+            )
+        self._counter += 1
+        name = f"{os.getpid()}-{id(self):x}-{self._counter}-{os.urandom(4).hex()}{_TMP_SUFFIX}"
+        return IncomingFile(self.incoming / name, header, self._max_object_bytes)
+
+    def path_of(self, relative_path: str) -> Path:
+        return self.root / relative_path
+
+    def commit(self, incoming: IncomingFile, location: InstanceLocation) -> StoredFile:
+        """Make the received file durable under its final name (never replacing a file)."""
+        relative = location.relative_path()
+        final = self.root / relative
+        try:
+            incoming.fsync_and_close()
+            created = self._make_parents(final.parent)
+            try:
+                os.link(incoming.path, final)
+            except FileExistsError as e:
+                raise AlreadyStored(f"{relative} already exists in the cache") from e
+            incoming.path.unlink()
+            # The new name must survive a crash: fsync its directory and any we created.
+            fsync_dir(final.parent)
+            for directory in created:
+                fsync_dir(directory.parent)
+        except OSError as e:
+            incoming.discard()
+            _raise_for_os_error(e, f"committing {relative}")
+        except CacheError:
+            incoming.discard()
+            raise
+        return StoredFile(relative_path=str(relative), size=incoming.file_size)
+
+    def _make_parents(self, directory: Path) -> list[Path]:
+        """mkdir -p, returning the directories created, deepest last."""
+        missing: list[Path] = []
+        probe = directory
+        while not probe.exists():
+            missing.append(probe)
+            probe = probe.parent
+        created: list[Path] = []
+        for d in reversed(missing):
+            # Another association may have created it an instant ago and not yet made it
+            # durable: fsync its parent all the same.
+            d.mkdir(exist_ok=True)
+            created.append(d)
+        return created
+
+    def remove(self, relative_path: str) -> None:
+        """Remove a committed file (used only to undo a commit whose index write failed)."""
+        path = self.root / relative_path
+        path.unlink(missing_ok=True)
+        fsync_dir(path.parent)
+
+    def iter_files(self) -> Iterator[Path]:
+        for path in self.root.rglob("*.dcm"):
+            if INCOMING_DIR not in path.parts:
+                yield path
