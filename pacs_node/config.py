@@ -235,8 +235,14 @@ def _peers(raw: Any) -> tuple[Peer, ...]:
             raise ConfigError(f"peers[{i}].ae_title: {ae_title!r} is listed twice")
         seen.add(ae_title)
         host = s._get("host", None)
-        if host is not None and (not isinstance(host, str) or not host):
-            raise ConfigError(f"peers[{i}].host: expected an address string, got {host!r}")
+        if host is not None:
+            try:
+                host = str(ipaddress.ip_address(host))
+            except ValueError as e:
+                raise ConfigError(
+                    f"peers[{i}].host: expected an IP address (the address the peer calls "
+                    f"from), got {host!r}"
+                ) from e
         port = s._get("port", None)
         if port is not None:
             port = s.int_("port", 0, 1, 65535)
@@ -253,7 +259,8 @@ def build_config(
 ) -> Config:
     """Validate a parsed TOML mapping into a `Config`; relative paths resolve against base_dir."""
     top = _Section(raw, "")
-    resolved_data_dir = data_dir or top.path("data_dir", base_dir / DEFAULT_DATA_DIR, base_dir)
+    from_file = top.path("data_dir", base_dir / DEFAULT_DATA_DIR, base_dir)
+    resolved_data_dir = data_dir or from_file
     resolved_data_dir = resolved_data_dir.absolute()
 
     dicom = _dicom(raw.get("dicom", {}))

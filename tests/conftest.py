@@ -77,7 +77,9 @@ DCMTK_BIN = Path("/usr/bin")  # pynetdicom installs look-alike scripts on PATH
 def tool(name: str) -> str:
     path = DCMTK_BIN / name
     if not path.exists():
-        pytest.fail(f"DCMTK {name} is missing (the test command installs it: apt-get install dcmtk)")
+        pytest.fail(
+            f"DCMTK {name} is missing (the test command installs it: apt-get install dcmtk)"
+        )
     return str(path)
 
 

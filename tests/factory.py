@@ -193,9 +193,7 @@ def make_folder(
     given transfer syntaxes (default: uncompressed, deflated and four compressed ones)."""
     syntaxes = syntaxes or ALL_SYNTAXES
     studies = [
-        (f"PID{p:03d}", generate_uid())
-        for p in range(patients)
-        for _ in range(studies_per_patient)
+        (f"PID{p:03d}", generate_uid()) for p in range(patients) for _ in range(studies_per_patient)
     ]
     made = []
     for i in range(count):

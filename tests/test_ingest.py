@@ -42,17 +42,36 @@ def test_storescu_folder_of_mixed_instances_is_indexed_and_hash_identical(
 ) -> None:
     made = make_folder(tmp_path / "main", 210, syntaxes=[ExplicitVRLittleEndian, JPEGLSLossless])
     result = dcmtk(
-        "storescu", "-aec", NODE_AE, "-R", "-xt", "+sd", "127.0.0.1", str(node.port),
+        "storescu",
+        "-aec",
+        NODE_AE,
+        "-R",
+        "-xt",
+        "+sd",
+        "127.0.0.1",
+        str(node.port),
         str(tmp_path / "main"),
     )
     assert result.returncode == 0, result.stderr
-    for syntax in (JPEGBaseline8Bit, JPEG2000Lossless, RLELossless,
-                   DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian):
+    for syntax in (
+        JPEGBaseline8Bit,
+        JPEG2000Lossless,
+        RLELossless,
+        DeflatedExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+    ):
         folder = tmp_path / syntax.name.replace(" ", "_")
         batch = make_folder(folder, 6, syntaxes=[syntax], patients=1, studies_per_patient=1)
         result = dcmtk(
-            "storescu", "-aec", NODE_AE, "-R", STORESCU_OPTION[syntax], "+sd", "127.0.0.1",
-            str(node.port), str(folder),
+            "storescu",
+            "-aec",
+            NODE_AE,
+            "-R",
+            STORESCU_OPTION[syntax],
+            "+sd",
+            "127.0.0.1",
+            str(node.port),
+            str(folder),
         )
         assert result.returncode == 0, result.stderr
         made += batch

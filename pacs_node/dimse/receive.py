@@ -32,7 +32,13 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
 
-from pacs_node.dimse.status import NOT_AUTHORIZED, PROCESSING_FAILURE, STORE_FAILURE_STATUS, SUCCESS
+from pacs_node.dimse.status import (
+    NOT_AUTHORIZED,
+    OUT_OF_RESOURCES,
+    PROCESSING_FAILURE,
+    STORE_FAILURE_STATUS,
+    SUCCESS,
+)
 from pacs_node.ingest import Ingest, IngestFailure, Reception, Sender
 
 if TYPE_CHECKING:
@@ -141,7 +147,9 @@ class StoreReceiver(DULServiceProvider):
         self._buffer = bytearray(max_pdu_length + _PDU_SLACK)
         self._reception: Reception | None = None
         self._failure: IngestFailure | None = None
-        self._refusal_status: int | None = None
+        self._refusal: tuple[int, str] | None = None  # answered without storing
+        # Set when the node is stopping: finish the instance in flight, take no new one.
+        self.draining = False
         self._request: dict[int, bytes] = {}
         self._context_id = 0
 
@@ -328,8 +336,8 @@ class StoreReceiver(DULServiceProvider):
 
     def _finish(self) -> None:
         status, comment = SUCCESS, None
-        if self._refusal_status is not None:
-            status, comment = self._refusal_status, "calling AE may not store here"
+        if self._refusal is not None:
+            status, comment = self._refusal
         elif self._failure is not None:
             status, comment = STORE_FAILURE_STATUS[self._failure.kind], str(self._failure)
             if self._reception is None:  # failed before or while receiving: audit it once
@@ -370,6 +378,11 @@ class StoreReceiver(DULServiceProvider):
         if reception is not None:
             self._ingest.abandon(reception, reason)
         self._mode = _IDLE
+
+    @property
+    def busy(self) -> bool:
+        """True while a message's dataset is still arriving."""
+        return self._mode in (_STORE, _DRAIN)
 
     def _peer(self) -> str:
         requestor = self.assoc.requestor

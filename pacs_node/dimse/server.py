@@ -186,15 +186,27 @@ class DicomServer:
         return len(self._ae.active_associations) if self._ae else 0
 
     def stop(self, drain_timeout_s: float = 30.0) -> None:
-        """Stop accepting, let associations in flight finish (up to the timeout), then abort."""
+        """Stop accepting, let instances in flight finish (up to the timeout), then abort.
+
+        Associations that are between instances are aborted at once: nothing unacknowledged
+        is lost (the sender keeps its copy and resends), and a modality holding an idle
+        association open cannot keep the node from stopping.
+        """
         if self._server is None or self._ae is None:
             return
         self._server.shutdown()  # closes the listening socket; established ones go on
+        receivers = [
+            assoc.dul
+            for assoc in self._ae.active_associations
+            if isinstance(assoc.dul, StoreReceiver)
+        ]
+        for receiver in receivers:
+            receiver.draining = True
         deadline = time.monotonic() + drain_timeout_s
-        while self._ae.active_associations and time.monotonic() < deadline:
-            time.sleep(0.05)
-        remaining = len(self._ae.active_associations)
-        if remaining:
-            log.warning("event=drain_timeout aborting=%d", remaining)
+        while any(r.busy for r in receivers) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        in_flight = sum(r.busy for r in receivers)
+        if in_flight:
+            log.warning("event=drain_timeout aborting_in_flight=%d", in_flight)
         self._ae.shutdown()
         self._server = None

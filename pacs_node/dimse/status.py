@@ -8,7 +8,7 @@ SUCCESS = 0x0000
 
 # C-STORE (PS3.4 Annex B.2.3): 0xA7xx Refused: Out of Resources (the sender keeps its copy and
 # retries later), 0xA9xx Data Set does not match SOP Class, 0xCxxx Cannot understand.
-OUT_OF_RESOURCES = 0xA700  # the cache filesystem is full (or below its free-space reserve)
+OUT_OF_RESOURCES = 0xA700  # cache full (or below its free-space reserve), or shutting down
 OUT_OF_RESOURCES_INDEX = 0xA701  # the index stayed locked/unavailable past its timeout
 OUT_OF_RESOURCES_TOO_LARGE = 0xA702  # the instance exceeds dicom.max_object_bytes
 OUT_OF_RESOURCES_STORAGE = 0xA703  # another storage error (I/O error, permissions)
