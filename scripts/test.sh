@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The test command: installs everything the tests need on a fresh machine, then runs pytest.
+#   ./scripts/test.sh            # the whole suite (soak tests in their bounded form)
+#   ./scripts/test.sh -k crash   # extra arguments go to pytest
+# PACS_NODE_SOAK=1 runs the long soak tests in full.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# DCMTK: real third-party DICOM peers (storescu, echoscu, storescp, ...).
+if ! [ -x /usr/bin/storescu ] || ! [ -x /usr/bin/storescp ]; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y dcmtk
+fi
+
+# A private virtual environment with the package and its test extras.
+PYTHON="${PYTHON:-python3}"
+if ! [ -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e ".[test]"
+
+.venv/bin/python -m ruff check pacs_node tests bench
+exec .venv/bin/python -m pytest "$@"
