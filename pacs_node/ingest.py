@@ -9,15 +9,11 @@ what went wrong; the DICOM layer maps its kind to a status.
 from __future__ import annotations
 
 import enum
-import io
 import logging
+import struct
 import threading
 import time
 from dataclasses import dataclass
-
-from pydicom.dataset import FileMetaDataset
-from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID
 
 from pacs_node import __version__
 from pacs_node.audit import AuditLog
@@ -37,7 +33,7 @@ from pacs_node.storage.layout import InstanceLocation, InvalidUID, locate, valid
 
 log = logging.getLogger(__name__)
 
-IMPLEMENTATION_CLASS_UID = UID("1.2.826.0.1.3680043.10.1464.1")
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1464.1"
 IMPLEMENTATION_VERSION_NAME = f"PACS_NODE_{__version__}"[:16]
 
 
@@ -103,21 +99,35 @@ class Reception:
             raise IngestFailure(FailureKind.STORAGE_ERROR, str(e)) from e
 
 
+def _short_element(element: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
+    if len(value) % 2:
+        value += pad
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _printable(value: str) -> str:
+    return "".join(c if " " <= c <= "~" and c != "\\" else "?" for c in value)
+
+
 def file_meta_header(
-    sop_class_uid: str, sop_uid: str, transfer_syntax_uid: str, sender: str
+    sop_class_uid: str, sop_uid: str, transfer_syntax_uid: str, sender_ae: str
 ) -> bytes:
-    """Zeroed 128-byte preamble, 'DICM' and the File Meta group for a received dataset."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = transfer_syntax_uid
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    meta.SourceApplicationEntityTitle = sender[:16]
-    buffer = io.BytesIO()
-    buffer.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buffer, meta, enforce_standard=True)  # type: ignore[arg-type]
-    return buffer.getvalue()
+    """Zeroed 128-byte preamble, 'DICM' and the File Meta group (PS3.10 7.1) for a received
+    dataset. Encoded by hand: it runs once per instance on the hot path, and pydicom's general
+    writer costs more than the rest of the header handling together."""
+    body = b"".join(
+        [
+            struct.pack("<HH2sHL", 0x0002, 0x0001, b"OB", 0, 2) + b"\x00\x01",
+            _short_element(0x0002, b"UI", sop_class_uid.encode("ascii"), b"\x00"),
+            _short_element(0x0003, b"UI", sop_uid.encode("ascii"), b"\x00"),
+            _short_element(0x0010, b"UI", transfer_syntax_uid.encode("ascii"), b"\x00"),
+            _short_element(0x0012, b"UI", IMPLEMENTATION_CLASS_UID.encode("ascii"), b"\x00"),
+            _short_element(0x0013, b"SH", IMPLEMENTATION_VERSION_NAME.encode("ascii"), b" "),
+            _short_element(0x0016, b"AE", _printable(sender_ae)[:16].encode("ascii"), b" "),
+        ]
+    )
+    group_length = struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(body))
+    return b"\x00" * 128 + b"DICM" + group_length + body
 
 
 class _StripedLocks:
@@ -151,6 +161,7 @@ class Ingest:
         try:
             sop_uid = validate_uid(sop_uid, "Affected SOP Instance UID")
             sop_class_uid = validate_uid(sop_class_uid, "Affected SOP Class UID")
+            transfer_syntax_uid = validate_uid(transfer_syntax_uid, "Transfer Syntax UID")
         except InvalidUID as e:
             raise IngestFailure(FailureKind.INVALID_UID, str(e)) from e
         header = file_meta_header(sop_class_uid, sop_uid, transfer_syntax_uid, sender.ae_title)

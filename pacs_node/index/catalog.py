@@ -79,6 +79,50 @@ class _IdCache:
             self._items.clear()
 
 
+class _HotSql:
+    """The SQL of the per-instance path, written once from the models' own names."""
+
+    INSTANCE_COLUMNS = (
+        "series",
+        "sop_uid",
+        "version",
+        "sop_class_uid",
+        "instance_number",
+        "transfer_syntax_uid",
+        "specific_character_set",
+        "file_size",
+        "dataset_offset",
+        "sha256",
+        "cache_path",
+        "received_at",
+        "calling_ae",
+        "peer_address",
+        "needs_review",
+    )
+
+    def __init__(self, m: Models) -> None:
+        instance = m.Instance._meta
+        job = m.ReplicationJob._meta
+        columns = [instance.fields[name].column_name for name in self.INSTANCE_COLUMNS]
+        self.insert_instance = (
+            f"INSERT INTO {instance.table_name} ({', '.join(columns)}) "
+            f"VALUES ({', '.join('?' for _ in columns)})"
+        )
+        f = instance.fields
+        self.versions_of = (
+            f"SELECT {f['sop_uid'].column_name}, {f['version'].column_name}, "
+            f"{f['sha256'].column_name}, {f['cache_path'].column_name}, "
+            f"{f['file_size'].column_name} FROM {instance.table_name} "
+            f"WHERE {f['sop_uid'].column_name} = ? ORDER BY {f['version'].column_name}"
+        )
+        jf = job.fields
+        self.insert_job = (
+            f"INSERT INTO {job.table_name} ({jf['instance'].column_name}, "
+            f"{jf['state'].column_name}, {jf['attempts'].column_name}, "
+            f"{jf['created_at'].column_name}) VALUES (?, 'pending', 0, ?)"
+        )
+
+
 class Index:
     """Open with `open()`; every method is safe to call from any thread."""
 
@@ -97,6 +141,7 @@ class Index:
             check_same_thread=False,
         )
         self.models: Models = build_models(self._db)
+        self._sql = _HotSql(self.models)
         self._ids = _IdCache()
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -120,49 +165,42 @@ class Index:
     # -- ingest ---------------------------------------------------------------------------------
 
     def versions_of(self, sop_uid: str) -> list[InstanceVersion]:
-        m = self.models
         with _translate_errors(f"looking up {sop_uid}"):
-            rows = (
-                m.Instance.select(
-                    m.Instance.sop_uid,
-                    m.Instance.version,
-                    m.Instance.sha256,
-                    m.Instance.cache_path,
-                    m.Instance.file_size,
-                )
-                .where(m.Instance.sop_uid == sop_uid)
-                .order_by(m.Instance.version)
-                .tuples()
-            )
-            return [InstanceVersion(*row) for row in rows]
+            cursor = self._db.execute_sql(self._sql.versions_of, (sop_uid,))
+            return [InstanceVersion(*row) for row in cursor.fetchall()]
 
     def add_instance(self, new: NewInstance) -> None:
         """Index one instance version and queue its replication job, in one transaction."""
-        m = self.models
         a = new.attributes
         created: list[tuple[tuple[str, ...], int]] = []
+        received_at = new.received_at.isoformat(sep=" ")
         with _translate_errors(f"indexing {a.sop_uid}"), self._db.atomic("IMMEDIATE"):
             patient_id = self._patient_id(a, created)
             study_id = self._study_id(a, patient_id, created)
             series_id = self._series_id(a, study_id, created)
-            instance = m.Instance.create(
-                series=series_id,
-                sop_uid=a.sop_uid,
-                version=new.version,
-                sop_class_uid=a.sop_class_uid,
-                instance_number=a.instance_number,
-                transfer_syntax_uid=new.transfer_syntax_uid,
-                specific_character_set=a.specific_character_set,
-                file_size=new.file_size,
-                dataset_offset=new.dataset_offset,
-                sha256=new.sha256,
-                cache_path=new.cache_path,
-                received_at=new.received_at,
-                calling_ae=new.calling_ae,
-                peer_address=new.peer_address,
-                needs_review=new.version > 1,
+            # Hand-written SQL on the hot path: peewee's query building costs more than the
+            # insert itself. Column names come from the models (see _HotSql).
+            cursor = self._db.execute_sql(
+                self._sql.insert_instance,
+                (
+                    series_id,
+                    a.sop_uid,
+                    new.version,
+                    a.sop_class_uid,
+                    a.instance_number,
+                    new.transfer_syntax_uid,
+                    a.specific_character_set,
+                    new.file_size,
+                    new.dataset_offset,
+                    new.sha256,
+                    new.cache_path,
+                    received_at,
+                    new.calling_ae,
+                    new.peer_address,
+                    new.version > 1,
+                ),
             )
-            m.ReplicationJob.create(instance=instance, created_at=new.received_at)
+            self._db.execute_sql(self._sql.insert_job, (cursor.lastrowid, received_at))
         # Remember new ids only once the transaction that made them is committed.
         for key, row_id in created:
             self._ids.put(key, row_id)
