@@ -91,9 +91,9 @@ def test_serve_overrides_are_validated(tmp_path: Path) -> None:
     config = load_config(None, data_dir=tmp_path)
     changed = with_overrides(config, port=4242, ae_title="OTHER")
     assert (changed.dicom.port, changed.dicom.ae_title) == (4242, "OTHER")
-    with pytest.raises(ConfigError, match="dicom.host"):
+    with pytest.raises(ConfigError, match=r"dicom\.host"):
         with_overrides(config, host="0.0.0.0")
-    with pytest.raises(ConfigError, match="dicom.port"):
+    with pytest.raises(ConfigError, match=r"dicom\.port"):
         with_overrides(config, port=0)
 
 

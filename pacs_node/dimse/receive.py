@@ -18,6 +18,7 @@ the socket has a timeout, so a peer that stalls mid-PDU is dropped rather than w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
 import socket
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.fsm import InvalidEventError
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
@@ -137,6 +139,11 @@ class StoreReceiver(DULServiceProvider):
         max_pdu_length: int,
     ) -> None:
         super().__init__(assoc)
+        # pynetdicom sets the association's timeouts on the DUL it was built with, which this
+        # one replaces: without these, ARTIM stays 30 s and the idle timer 60 s whatever the
+        # config says (an idle connection held its slot for 30 s with acse_timeout_s = 2).
+        self.artim_timer.timeout = assoc.acse_timeout
+        self._idle_timer.timeout = assoc.network_timeout
         self._ingest = ingest
         self._may_store = may_store
         self._max_pdu_length = max_pdu_length
@@ -152,6 +159,7 @@ class StoreReceiver(DULServiceProvider):
         self.draining = False
         self._request: dict[int, bytes] = {}
         self._context_id = 0
+        self._awaiting_request = True  # connected, no A-ASSOCIATE-RQ yet
 
     # -- reading PDUs ----------------------------------------------------------------------------
 
@@ -169,7 +177,26 @@ class StoreReceiver(DULServiceProvider):
             received += count
         return view
 
+    def _discard_input(self) -> None:
+        """Read and drop what the peer has sent; a closed connection ends the association."""
+        sock = self.socket.socket  # type: ignore[union-attr]
+        try:
+            data = sock.recv(65536, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.event_queue.put("Evt17")
+
     def _read_pdu_data(self) -> None:
+        if self.state_machine.current_state == "Sta13":
+            # We aborted (or released) and only wait for the connection to close: the
+            # peer's further bytes are ignored (PS3.8 Sta13), never parsed as PDUs. Parsing
+            # them (an HTTP request, the rest of a refused 4-GiB PDU) sent an A-ABORT per
+            # 6 bytes and then blocked on a partial "header" until the network timeout.
+            self._discard_input()
+            return
         try:
             header = self._recv_exact(6)
             if header is None:
@@ -222,6 +249,8 @@ class StoreReceiver(DULServiceProvider):
             log.warning("event=bad_pdu peer=%s error=%s", self._peer(), e)
             self.event_queue.put("Evt19")
             return
+        if event == "Evt6":  # A-ASSOCIATE-RQ: the association thread takes it from here
+            self._awaiting_request = False
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
 
@@ -303,15 +332,20 @@ class StoreReceiver(DULServiceProvider):
         self._context_id = context_id
         self._request = command
         self._failure = None
-        self._refusal_status = None
+        self._refusal = None
         requestor = self.assoc.requestor
         calling_ae = requestor.ae_title.strip()
         if not self._may_store(calling_ae):
-            self._refusal_status = NOT_AUTHORIZED
+            self._refusal = (NOT_AUTHORIZED, "calling AE may not store here")
             self._mode = _DRAIN
             log.warning(
                 "event=store_not_authorized calling_ae=%s peer=%s", calling_ae, self._peer()
             )
+            return
+        if self.draining:
+            # Stopping: a new instance is refused (the sender keeps it and retries later).
+            self._refusal = (OUT_OF_RESOURCES, "the node is shutting down, send it again later")
+            self._mode = _DRAIN
             return
         try:
             self._reception = self._ingest.begin(
@@ -363,8 +397,15 @@ class StoreReceiver(DULServiceProvider):
     def _respond(self, status: int, comment: str | None) -> None:
         response = C_STORE()
         response.MessageIDBeingRespondedTo = _us(self._request.get(0x0110))
-        response.AffectedSOPClassUID = _ui(self._request.get(0x0002)) or None
-        response.AffectedSOPInstanceUID = _ui(self._request.get(0x1000)) or None
+        for keyword, element in (
+            ("AffectedSOPClassUID", 0x0002),
+            ("AffectedSOPInstanceUID", 0x1000),
+        ):
+            # pynetdicom refuses to encode some malformed UIDs a peer may send (over 64
+            # characters); the response may leave them out (U(=), PS3.7 9.3.1.2), and the
+            # failure status must still reach the peer instead of an aborted association.
+            with contextlib.suppress(ValueError):
+                setattr(response, keyword, _ui(self._request.get(element)) or None)
         response.Status = status
         if comment and status != SUCCESS:
             response.ErrorComment = comment[:64]
@@ -391,8 +432,22 @@ class StoreReceiver(DULServiceProvider):
     def run_reactor(self) -> None:
         try:
             super().run_reactor()
+        except InvalidEventError as e:
+            # pynetdicom has no transition for some events, e.g. our own A-ABORT at shutdown
+            # on a connection that never sent an A-ASSOCIATE-RQ (Sta2 + Evt15): it raised out
+            # of this thread with a traceback per connection. Just close the connection.
+            log.info("event=connection_closed peer=%s reason=%r", self._peer(), str(e))
+            if self.socket is not None:
+                self.socket.close()
         finally:
             # The association ended (release, abort, reset, shutdown) mid-instance: that
             # instance was never acknowledged, so nothing of it is kept.
             self._abandon("association ended before the last fragment")
             self._ingest.release_thread()
+            if self._awaiting_request:
+                # The connection ended (closed, reset, garbage, ARTIM) before any
+                # A-ASSOCIATE-RQ, but the association thread waits for one for
+                # acse_timeout_s, holding a slot of dicom.max_associations all that time
+                # (40 port probes locked every peer out for 30 s). None wakes it now; it
+                # ends as on its own timeout.
+                self.to_user_queue.put(None)

@@ -21,7 +21,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from pacs_node.audit import AuditLog
 from pacs_node.config import Config
-from pacs_node.dimse.access import AccessPolicy
+from pacs_node.dimse.access import LOCAL_LIMIT_EXCEEDED, AccessPolicy, Refusal
 from pacs_node.dimse.receive import StoreReceiver, TunedSocket, quickack
 from pacs_node.dimse.status import NOT_AUTHORIZED, SUCCESS
 from pacs_node.ingest import Ingest
@@ -46,6 +46,14 @@ class _PolicyACSE(ACSE):
 
     policy: AccessPolicy
     audit: AuditLog
+    max_associations: int
+
+    def _established_acceptors(self) -> int:
+        """Only negotiated associations count toward the limit: a connection that has sent
+        nothing yet (a port probe, a stalled client) must not lock known peers out."""
+        return sum(
+            1 for a in self.assoc.ae.active_associations if a.is_acceptor and a.is_established
+        )
 
     def _negotiate_as_acceptor(self) -> None:
         request = self.requestor.primitive
@@ -54,6 +62,11 @@ class _PolicyACSE(ACSE):
         peer_host = str(self.requestor.address)
         peer = f"{peer_host}:{self.requestor.port}"
         refusal = self.policy.check_association(calling, called, peer_host)
+        if refusal is None and self._established_acceptors() >= self.max_associations:
+            refusal = Refusal(
+                f"dicom.max_associations ({self.max_associations}) associations are open",
+                *LOCAL_LIMIT_EXCEEDED,
+            )
         if refusal is None:
             super()._negotiate_as_acceptor()
             if self.assoc.is_established:
@@ -123,6 +136,7 @@ class _NodeRequestHandler(RequestHandler):
         acse = _PolicyACSE(assoc)
         acse.policy = node.policy
         acse.audit = node.audit
+        acse.max_associations = node.config.dicom.max_associations
         assoc.acse = acse
         return assoc
 
@@ -154,7 +168,9 @@ class DicomServer:
         d = self.config.dicom
         ae = AE(ae_title=d.ae_title)
         ae.maximum_pdu_size = d.max_pdu_size
-        ae.maximum_associations = d.max_associations
+        # pynetdicom counts every accepted connection, negotiated or not; the real limit on
+        # negotiated associations is applied in _PolicyACSE. This only bounds the threads.
+        ae.maximum_associations = d.max_associations * 8
         ae.acse_timeout = d.acse_timeout_s
         ae.dimse_timeout = d.dimse_timeout_s
         ae.network_timeout = d.network_timeout_s
