@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 import socket
+import sqlite3
 import struct
 import subprocess
 import time
@@ -991,3 +992,61 @@ def test_peer_without_store_permission_is_refused(
     assert echo(node.port, "VIEWER") == SUCCESS
     assert store_files(node.port, [made.path], "VIEWER") == [NOT_AUTHORIZED]
     assert_nothing_kept(node)
+
+
+# -- the index locked, and datasets built to exhaust the parser ---------------------------------
+
+
+def test_database_locked_answers_out_of_resources_and_keeps_nothing(
+    start_node: Callable[..., RunningNode], tmp_path: Path
+) -> None:
+    node = start_node(index={"busy_timeout_s": 0.5})
+    made = one_instance(tmp_path / "in")
+    blocker = sqlite3.connect(node.config.index.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock past the timeout
+    try:
+        assert store_files(node.port, [made.path]) == [0xA701]
+        assert_nothing_kept(node)
+        assert audit_events(node, "instance_rejected")[-1]["kind"] == "index_unavailable"
+        assert echo(node.port) == SUCCESS
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert store_files(node.port, [made.path]) == [SUCCESS]
+    assert (made.sop_uid, 1) in instance_rows(node.config.index.path)
+
+
+def _nested_sequences(depth: int) -> bytes:
+    """(0040,A730) Content Sequence nested `depth` deep, undefined lengths, explicit VR LE."""
+    opening = struct.pack("<HH2sHL", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF)
+    item = struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    item_end = struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
+    sequence_end = struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    return (opening + item) * depth + (item_end + sequence_end) * depth
+
+
+def _dataset_with_nesting(tmp_path: Path, depth: int) -> tuple[Made, bytes]:
+    made = one_instance(tmp_path / "in")
+    ds = dcmread(made.path)
+    del ds.PixelData  # the nesting goes at the end, where (0040,A730) sorts
+    return made, encode_explicit(ds) + _nested_sequences(depth)
+
+
+def test_deeply_nested_sequences_are_refused_not_crashing(
+    node: RunningNode, tmp_path: Path
+) -> None:
+    made, data = _dataset_with_nesting(tmp_path, 20_000)
+    assoc = RawAssociation(node.port)
+    assert assoc.c_store(made.sop_class_uid, made.sop_uid, data) == UNREADABLE
+    assoc.release()
+    assert_nothing_kept(node)
+    assert echo(node.port) == SUCCESS
+
+
+def test_moderately_nested_sequences_are_stored(node: RunningNode, tmp_path: Path) -> None:
+    made, data = _dataset_with_nesting(tmp_path, 20)
+    assoc = RawAssociation(node.port)
+    assert assoc.c_store(made.sop_class_uid, made.sop_uid, data) == SUCCESS
+    assoc.release()
+    row = instance_rows(node.config.index.path)[(made.sop_uid, 1)]
+    assert row["sha256"] == hashlib.sha256(data).hexdigest()
