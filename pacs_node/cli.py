@@ -21,7 +21,7 @@ import click
 from pacs_node import __version__
 from pacs_node.config import Config, ConfigError, load_config, with_overrides
 from pacs_node.index import Index, IndexFailure
-from pacs_node.node import REPLICATION_OFF_WARNING, Node
+from pacs_node.node import REPLICATION_OFF_WARNING, Node, describe_target
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
@@ -115,18 +115,33 @@ def serve(
     log.info("event=stopped")
 
 
+def _age_s(now: datetime, then: datetime | None) -> float | None:
+    return round((now - then).total_seconds(), 3) if then else None
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() + "Z" if value else None
+
+
 def _status(config: Config) -> dict[str, Any]:
-    if not config.index.path.exists():
-        counts = None
-    else:
+    counts, replication = None, None
+    if config.index.path.exists():
         index = Index(config.index.path, busy_timeout_s=config.index.busy_timeout_s)
         index.open()
         try:
             counts = index.status()
+            replication = index.replication_counts()
         finally:
             index.close()
     now = datetime.now(UTC).replace(tzinfo=None)
-    oldest = counts.oldest_pending_received_at if counts else None
+    r = config.replication
+    last_error = replication.last_error if replication else None
+    if not r.enabled:
+        message = REPLICATION_OFF_WARNING
+    elif last_error and last_error.startswith("permanent"):
+        message = "ALERT: replication is failing permanently; fix the target or credentials"
+    else:
+        message = None
     return {
         "version": __version__,
         "config": config.source,
@@ -137,20 +152,24 @@ def _status(config: Config) -> dict[str, Any]:
         "series": counts.series if counts else 0,
         "instances": counts.instances if counts else 0,
         "cache_bytes": counts.cache_bytes if counts else 0,
-        "last_received_at": (
-            counts.last_received_at.isoformat() + "Z"
-            if counts and counts.last_received_at
-            else None
-        ),
+        "last_received_at": _iso(counts.last_received_at) if counts else None,
         "versions_pending_review": counts.versions_pending_review if counts else 0,
         "replication": {
-            "enabled": config.replication.enabled,
-            "target": config.replication.target,
-            "pending": counts.replication_pending if counts else 0,
-            "oldest_pending_age_s": (now - oldest).total_seconds() if oldest else None,
-            "failed": 0,
-            "last_error": None,
-            "message": None if config.replication.enabled else REPLICATION_OFF_WARNING,
+            "enabled": r.enabled,
+            "target": describe_target(r),
+            "pending": replication.pending if replication else 0,
+            "oldest_pending_age_s": (
+                _age_s(now, replication.oldest_pending_received_at) if replication else None
+            ),
+            "failed": replication.failing if replication else 0,
+            "last_error": last_error,
+            "last_error_at": _iso(replication.last_error_at) if replication else None,
+            "alert": bool(last_error and last_error.startswith("permanent")),
+            "replicated_last_minute": replication.replicated_last_minute if replication else 0,
+            "throughput_bytes_per_s": (
+                round(replication.replicated_bytes_last_minute / 60, 1) if replication else 0.0
+            ),
+            "message": message,
         },
     }
 
@@ -189,10 +208,20 @@ def status(config: Config, as_json: bool) -> None:
     rep = r["replication"]
     if not rep["enabled"]:
         click.echo(f"replication: OFF - {rep['message']}")
+    else:
+        click.echo(f"replication: {rep['target']}")
+    oldest = rep["oldest_pending_age_s"]
     click.echo(
         f"replication queue: {rep['pending']} pending"
-        + (f", oldest {rep['oldest_pending_age_s']:.0f} s" if rep["oldest_pending_age_s"] else "")
+        + (f", oldest {oldest:.0f} s (recovery point)" if oldest is not None else "")
+        + f", {rep['failed']} failing"
+        + f", {rep['replicated_last_minute']} replicated in the last minute"
+        + f" ({_human_bytes(int(rep['throughput_bytes_per_s']))}/s)"
     )
+    if rep["last_error"]:
+        click.echo(f"last error ({rep['last_error_at']}): {rep['last_error']}")
+    if rep["alert"]:
+        click.echo(rep["message"])
 
 
 def _human_bytes(n: int) -> str:

@@ -89,7 +89,34 @@ class LoggingConfig:
 
 @dataclass(frozen=True)
 class ReplicationConfig:
-    target: str = "none"  # "none" until the replication issue adds "s3" and "directory"
+    target: str = "none"  # "none" | "s3" | "directory"
+    # s3
+    bucket: str = ""
+    prefix: str = "pacs-node"
+    endpoint_url: str | None = None
+    region: str | None = None
+    addressing_style: str = "auto"
+    profile: str | None = None
+    checksum: str = "sha256"  # sha256 | md5 | none (integrity header sent with each put)
+    sse: str = "none"  # none | s3 | kms | c
+    sse_kms_key_id: str | None = None
+    sse_c_key_env: str | None = None  # name of the env var holding the base64 SSE-C key
+    storage_class: str | None = None
+    object_lock_mode: str | None = None  # GOVERNANCE | COMPLIANCE
+    object_lock_retention_days: int = 0
+    object_lock_legal_hold: bool = False
+    multipart_threshold_bytes: int = 64 * 1024**2
+    multipart_chunk_bytes: int = 16 * 1024**2
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
+    max_attempts: int = 3
+    # directory
+    directory: Path | None = None
+    # the queue
+    workers: int = 4
+    lease_s: float = 600.0
+    retry_base_s: float = 2.0
+    retry_max_s: float = 600.0
 
     @property
     def enabled(self) -> bool:
@@ -223,6 +250,71 @@ def _dicom(raw: Mapping[str, Any]) -> DicomConfig:
     return config
 
 
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def _optional_str(s: _Section, name: str, choices: tuple[str, ...] | None = None) -> str | None:
+    value = s.str_(name, "", (*choices, "") if choices else None)
+    return value or None
+
+
+def _replication(raw: Mapping[str, Any], data_dir: Path) -> ReplicationConfig:
+    s = _Section(raw, "replication")
+    d = ReplicationConfig
+    config = ReplicationConfig(
+        target=s.str_("target", d.target, ("none", "s3", "directory")),
+        bucket=s.str_("bucket", d.bucket),
+        prefix=s.str_("prefix", d.prefix).strip("/"),
+        endpoint_url=_optional_str(s, "endpoint_url"),
+        region=_optional_str(s, "region"),
+        addressing_style=s.str_(
+            "addressing_style", d.addressing_style, ("auto", "path", "virtual")
+        ),
+        profile=_optional_str(s, "profile"),
+        checksum=s.str_("checksum", d.checksum, ("sha256", "md5", "none")),
+        sse=s.str_("sse", d.sse, ("none", "s3", "kms", "c")),
+        sse_kms_key_id=_optional_str(s, "sse_kms_key_id"),
+        sse_c_key_env=_optional_str(s, "sse_c_key_env"),
+        storage_class=_optional_str(s, "storage_class"),
+        object_lock_mode=_optional_str(s, "object_lock_mode", ("GOVERNANCE", "COMPLIANCE")),
+        object_lock_retention_days=s.int_(
+            "object_lock_retention_days", d.object_lock_retention_days, 0, 100 * 365
+        ),
+        object_lock_legal_hold=bool(s.bool_("object_lock_legal_hold", d.object_lock_legal_hold)),
+        multipart_threshold_bytes=s.int_(
+            "multipart_threshold_bytes", d.multipart_threshold_bytes, 5 * 1024**2, 5 * 1024**3
+        ),
+        multipart_chunk_bytes=s.int_(
+            "multipart_chunk_bytes", d.multipart_chunk_bytes, 5 * 1024**2, 5 * 1024**3
+        ),
+        connect_timeout_s=s.float_("connect_timeout_s", d.connect_timeout_s, 0.1, 600),
+        read_timeout_s=s.float_("read_timeout_s", d.read_timeout_s, 0.1, 3600),
+        max_attempts=s.int_("max_attempts", d.max_attempts, 1, 20),
+        directory=s.path("directory", None, data_dir),  # type: ignore[arg-type]
+        workers=s.int_("workers", d.workers, 1, 64),
+        lease_s=s.float_("lease_s", d.lease_s, 1, 86400),
+        retry_base_s=s.float_("retry_base_s", d.retry_base_s, 0.01, 3600),
+        retry_max_s=s.float_("retry_max_s", d.retry_max_s, 0.01, 86400),
+    )
+    s.finish()
+    if config.target == "s3" and not _BUCKET_RE.match(config.bucket):
+        raise ConfigError(
+            f"replication.bucket: {config.bucket!r} is not an S3 bucket name "
+            "(3-63 lowercase letters, digits, dots and hyphens)"
+        )
+    if config.target == "directory" and config.directory is None:
+        raise ConfigError("replication.directory: required when replication.target = 'directory'")
+    if config.sse == "kms" and not config.sse_kms_key_id:
+        raise ConfigError("replication.sse_kms_key_id: required when replication.sse = 'kms'")
+    if config.sse == "c" and not config.sse_c_key_env:
+        raise ConfigError("replication.sse_c_key_env: required when replication.sse = 'c'")
+    if config.object_lock_mode and not config.object_lock_retention_days:
+        raise ConfigError(
+            "replication.object_lock_retention_days: required (> 0) with object_lock_mode"
+        )
+    return config
+
+
 def _peers(raw: Any) -> tuple[Peer, ...]:
     if not isinstance(raw, list):
         raise ConfigError("peers: expected an array of tables ([[peers]])")
@@ -306,9 +398,7 @@ def build_config(
     s.finish()
     top._read.add("logging")
 
-    s = _Section(raw.get("replication", {}), "replication")
-    replication = ReplicationConfig(target=s.str_("target", "none", ("none",)))
-    s.finish()
+    replication = _replication(raw.get("replication", {}), resolved_data_dir)
     top._read.add("replication")
     top.finish()
 

@@ -13,6 +13,7 @@ import logging
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pacs_node import __version__
@@ -142,8 +143,14 @@ class _StripedLocks:
 
 class Ingest:
     def __init__(
-        self, cache: Cache, index: Index, audit: AuditLog, duplicates: DuplicatesConfig
+        self,
+        cache: Cache,
+        index: Index,
+        audit: AuditLog,
+        duplicates: DuplicatesConfig,
+        on_stored: Callable[[], None] | None = None,
     ) -> None:
+        self._on_stored = on_stored  # tells replication there is new work
         self._cache = cache
         self._index = index
         self._audit = audit
@@ -296,6 +303,8 @@ class Ingest:
                 raise
         outcome = Outcome.STORED if version == 1 else Outcome.NEW_VERSION
         self._log_stored(reception, outcome, version, sha256, new)
+        if self._on_stored is not None:
+            self._on_stored()
         return StoreResult(outcome, reception.sop_uid, version, sha256)
 
     def _commit_file(self, incoming: IncomingFile, location: InstanceLocation) -> StoredFile:

@@ -7,10 +7,12 @@ import threading
 
 from pacs_node import __version__
 from pacs_node.audit import AuditLog
-from pacs_node.config import Config
+from pacs_node.config import Config, ReplicationConfig
 from pacs_node.dimse.server import DicomServer
 from pacs_node.index import Index
 from pacs_node.ingest import Ingest
+from pacs_node.replication.worker import Replicator
+from pacs_node.storage.bucket import TargetError, TargetSettings, build_target
 from pacs_node.storage.cache import Cache
 
 log = logging.getLogger(__name__)
@@ -21,10 +23,39 @@ REPLICATION_OFF_WARNING = (
 )
 
 
-def open_index(config: Config) -> Index:
-    index = Index(config.index.path, busy_timeout_s=config.index.busy_timeout_s)
-    index.open()
-    return index
+def target_settings(r: ReplicationConfig) -> TargetSettings:
+    """The [replication] section as the storage layer's settings."""
+    return TargetSettings(
+        kind=r.target,
+        bucket=r.bucket,
+        prefix=r.prefix,
+        endpoint_url=r.endpoint_url,
+        region=r.region,
+        addressing_style=r.addressing_style,
+        profile=r.profile,
+        checksum=r.checksum,
+        sse=r.sse,
+        sse_kms_key_id=r.sse_kms_key_id,
+        sse_c_key_env=r.sse_c_key_env,
+        storage_class=r.storage_class,
+        object_lock_mode=r.object_lock_mode,
+        object_lock_legal_hold=r.object_lock_legal_hold,
+        multipart_threshold_bytes=r.multipart_threshold_bytes,
+        multipart_chunk_bytes=r.multipart_chunk_bytes,
+        connect_timeout_s=r.connect_timeout_s,
+        read_timeout_s=r.read_timeout_s,
+        max_attempts=r.max_attempts,
+        directory=r.directory,
+    )
+
+
+def describe_target(r: ReplicationConfig) -> str:
+    if r.target == "s3":
+        where = f" ({r.endpoint_url})" if r.endpoint_url else ""
+        return f"s3://{r.bucket}/{r.prefix}{where}"
+    if r.target == "directory":
+        return f"dir:{r.directory}"
+    return "none"
 
 
 class Node:
@@ -37,7 +68,17 @@ class Node:
         )
         self.index = Index(config.index.path, busy_timeout_s=config.index.busy_timeout_s)
         self.audit = AuditLog(config.audit.path)
-        self.ingest = Ingest(self.cache, self.index, self.audit, config.duplicates)
+        self.replicator: Replicator | None = None
+        if config.replication.enabled:
+            target = build_target(target_settings(config.replication))
+            self.replicator = Replicator(self.index, self.cache, target, config.replication)
+        self.ingest = Ingest(
+            self.cache,
+            self.index,
+            self.audit,
+            config.duplicates,
+            on_stored=self.replicator.wake if self.replicator else None,
+        )
         self.dicom = DicomServer(config, self.ingest, self.audit)
         self._stopped = threading.Event()
 
@@ -52,8 +93,11 @@ class Node:
             )
         self.audit.open()
         self._warn_about_exposure()
-        if not config.replication.enabled:
+        if self.replicator is None:
             log.warning("event=replication_off message=%r", REPLICATION_OFF_WARNING)
+        else:
+            self._check_target()
+            self.replicator.start()
         self.dicom.start()
         self.audit.record(
             "application_started",
@@ -63,6 +107,20 @@ class Node:
             port=self.dicom.port,
             config=config.source,
         )
+
+    def _check_target(self) -> None:
+        """Say at start whether the target answers; ingest runs whatever it says."""
+        assert self.replicator is not None
+        target = self.replicator.target
+        try:
+            target.check()
+        except TargetError as e:
+            log.error(
+                "event=replication_target_unavailable_ALERT target=%r error=%s "
+                "message='ingest continues; instances queue until the target answers'",
+                target.description,
+                e,
+            )
 
     def _warn_about_exposure(self) -> None:
         d = self.config.dicom
@@ -80,6 +138,8 @@ class Node:
             return
         self._stopped.set()
         self.dicom.stop(drain_timeout_s)
+        if self.replicator is not None:
+            self.replicator.stop(drain_timeout_s)
         try:
             self.audit.record("application_stopped")
         finally:

@@ -2,13 +2,16 @@
 
 from pacs_node.index.catalog import DuplicateVersion, Index, IndexBusy, IndexFailure
 from pacs_node.index.records import (
+    ClaimedJob,
     InstanceAttributes,
     InstanceVersion,
     NewInstance,
+    ReplicationCounts,
     StatusCounts,
 )
 
 __all__ = [
+    "ClaimedJob",
     "DuplicateVersion",
     "Index",
     "IndexBusy",
@@ -16,5 +19,6 @@ __all__ = [
     "InstanceAttributes",
     "InstanceVersion",
     "NewInstance",
+    "ReplicationCounts",
     "StatusCounts",
 ]

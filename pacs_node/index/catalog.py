@@ -8,12 +8,19 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import peewee as pw
 
-from pacs_node.index.records import InstanceAttributes, InstanceVersion, NewInstance, StatusCounts
+from pacs_node.index.records import (
+    ClaimedJob,
+    InstanceAttributes,
+    InstanceVersion,
+    NewInstance,
+    ReplicationCounts,
+    StatusCounts,
+)
 from pacs_node.index.schema import Models, build_models, migrate
 
 log = logging.getLogger(__name__)
@@ -271,6 +278,134 @@ class Index:
             )
         created.append((key, row.id))
         return row.id
+
+    # -- the replication queue ------------------------------------------------------------------
+
+    def release_all_leases(self) -> int:
+        """At start: no worker of a previous process is alive, so its leases are void; and
+        jobs parked after a permanent error are due again (the operator may have fixed the
+        target or credentials before this restart)."""
+        m = self.models
+        Job = m.ReplicationJob
+        with _translate_errors("releasing leases"), self._db.atomic("IMMEDIATE"):
+            Job.update(next_attempt_at=None).where(
+                (Job.state == "pending") & Job.last_error.startswith("permanent")
+            ).execute()
+            return (
+                Job.update(lease_owner=None, lease_until=None)
+                .where(Job.lease_owner.is_null(False))
+                .execute()
+            )
+
+    def claim_jobs(self, owner: str, limit: int, lease_s: float) -> list[ClaimedJob]:
+        """Lease up to `limit` due jobs to `owner`, oldest first."""
+        m = self.models
+        Job, Inst, Ser, Stu = m.ReplicationJob, m.Instance, m.Series, m.Study
+        now = utcnow()
+        with _translate_errors("claiming replication jobs"), self._db.atomic("IMMEDIATE"):
+            rows = list(
+                Job.select(
+                    Job.id,
+                    Job.attempts,
+                    Inst.sop_uid,
+                    Inst.version,
+                    Stu.study_uid,
+                    Ser.series_uid,
+                    Inst.sop_class_uid,
+                    Inst.transfer_syntax_uid,
+                    Inst.sha256,
+                    Inst.dataset_offset,
+                    Inst.file_size,
+                    Inst.cache_path,
+                    Inst.received_at,
+                    Inst.calling_ae,
+                    Inst.peer_address,
+                )
+                .join(Inst)
+                .join(Ser)
+                .join(Stu)
+                .where(
+                    (Job.state == "pending")
+                    & (Job.next_attempt_at.is_null() | (Job.next_attempt_at <= now))
+                    & (Job.lease_until.is_null() | (Job.lease_until < now))
+                )
+                .order_by(Job.id)
+                .limit(limit)
+                .tuples()
+            )
+            if not rows:
+                return []
+            Job.update(
+                lease_owner=owner,
+                lease_until=now + timedelta(seconds=lease_s),
+                attempts=Job.attempts + 1,
+                last_attempt_at=now,
+            ).where(Job.id.in_([r[0] for r in rows])).execute()
+        return [
+            ClaimedJob(r[0], r[1] + 1, *r[2:12], _as_datetime(r[12]), r[13], r[14])  # type: ignore[arg-type]
+            for r in rows
+        ]
+
+    def ack_job(self, job_id: int, owner: str) -> bool:
+        """The instance is verified in the target: done. False if the lease was lost."""
+        m = self.models
+        Job, Inst = m.ReplicationJob, m.Instance
+        now = utcnow()
+        with _translate_errors(f"acknowledging job {job_id}"), self._db.atomic("IMMEDIATE"):
+            job = Job.get_or_none((Job.id == job_id) & (Job.lease_owner == owner))
+            if job is None:
+                return False
+            Job.update(state="done", lease_owner=None, lease_until=None, last_error=None).where(
+                Job.id == job_id
+            ).execute()
+            Inst.update(replicated_at=now).where(Inst.id == job.instance_id).execute()
+        return True
+
+    def fail_job(self, job_id: int, owner: str, error: str, retry_in_s: float) -> None:
+        """Keep the job, record why, and make it due again after `retry_in_s`."""
+        m = self.models
+        Job = m.ReplicationJob
+        with _translate_errors(f"recording failure of job {job_id}"), self._db.atomic("IMMEDIATE"):
+            Job.update(
+                lease_owner=None,
+                lease_until=None,
+                last_error=error[:2000],
+                next_attempt_at=utcnow() + timedelta(seconds=retry_in_s),
+            ).where((Job.id == job_id) & (Job.lease_owner == owner)).execute()
+
+    def replication_counts(self) -> ReplicationCounts:
+        m = self.models
+        Job, Inst = m.ReplicationJob, m.Instance
+        minute_ago = utcnow() - timedelta(seconds=60)
+        with _translate_errors("reading replication status"):
+            pending, oldest = (
+                Job.select(pw.fn.COUNT(Job.id), pw.fn.MIN(Job.created_at))
+                .where(Job.state == "pending")
+                .scalar(as_tuple=True)
+            )
+            failing = (
+                Job.select().where((Job.state == "pending") & Job.last_error.is_null(False)).count()
+            )
+            last = (
+                Job.select(Job.last_error, Job.last_attempt_at)
+                .where((Job.state == "pending") & Job.last_error.is_null(False))
+                .order_by(Job.last_attempt_at.desc())
+                .first()
+            )
+            recent, recent_bytes = (
+                Inst.select(pw.fn.COUNT(Inst.id), pw.fn.COALESCE(pw.fn.SUM(Inst.file_size), 0))
+                .where(Inst.replicated_at > minute_ago)
+                .scalar(as_tuple=True)
+            )
+        return ReplicationCounts(
+            pending=pending,
+            oldest_pending_received_at=_as_datetime(oldest),
+            failing=failing,
+            last_error=last.last_error if last else None,
+            last_error_at=_as_datetime(last.last_attempt_at) if last else None,
+            replicated_last_minute=recent,
+            replicated_bytes_last_minute=int(recent_bytes),
+        )
 
     # -- operator views -------------------------------------------------------------------------
 

@@ -71,3 +71,35 @@ class StatusCounts:
     versions_pending_review: int
     replication_pending: int
     oldest_pending_received_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A replication job leased to one worker, with what it needs to upload the instance."""
+
+    job_id: int
+    attempts: int  # including this one
+    sop_uid: str
+    version: int
+    study_uid: str
+    series_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    sha256: str
+    dataset_offset: int
+    file_size: int
+    cache_path: str | None
+    received_at: datetime
+    calling_ae: str
+    peer_address: str
+
+
+@dataclass(frozen=True)
+class ReplicationCounts:
+    pending: int
+    oldest_pending_received_at: datetime | None
+    failing: int  # pending jobs whose last attempt failed
+    last_error: str | None
+    last_error_at: datetime | None
+    replicated_last_minute: int
+    replicated_bytes_last_minute: int

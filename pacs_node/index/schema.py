@@ -10,8 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import peewee as pw
+from playhouse.migrate import SqliteMigrator
+from playhouse.migrate import migrate as migrate_columns
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -103,8 +105,9 @@ def build_models(database: pw.Database) -> Models:
         next_attempt_at = pw.DateTimeField(null=True)
         lease_owner = pw.TextField(null=True)
         lease_until = pw.DateTimeField(null=True)
-        last_error = pw.TextField(null=True)
+        last_error = pw.TextField(null=True)  # "transient: ..." or "permanent: ..."
         created_at = pw.DateTimeField()
+        last_attempt_at = pw.DateTimeField(null=True)  # since schema 2
 
     return Models(
         SchemaInfo=SchemaInfo,
@@ -117,11 +120,26 @@ def build_models(database: pw.Database) -> Models:
 
 
 def _create_v1(database: pw.Database, models: Models) -> None:
+    # Version 1 as released: the current models minus what later migrations add.
     database.create_tables(models.all())
+    database.execute_sql("ALTER TABLE replication_job DROP COLUMN last_attempt_at")
+
+
+def _v2_job_attempt_time(database: pw.Database, models: Models) -> None:
+    migrator = SqliteMigrator(database)
+    migrate_columns(
+        migrator.add_column(
+            "replication_job", "last_attempt_at", models.ReplicationJob.last_attempt_at
+        ),
+        migrator.add_index("instance", ("replicated_at",), False),
+    )
 
 
 # Migration N builds schema version N from N-1. Append, never edit a released one.
-MIGRATIONS: dict[int, Callable[[pw.Database, Models], None]] = {1: _create_v1}
+MIGRATIONS: dict[int, Callable[[pw.Database, Models], None]] = {
+    1: _create_v1,
+    2: _v2_job_attempt_time,
+}
 
 
 class SchemaTooNew(RuntimeError):

@@ -1,0 +1,203 @@
+"""Replication workers: claim a job (lease), upload from the cache, verify, ack.
+
+The queue is the `replication_job` table written by ingest in the same transaction as the
+instance row, so it survives crashes and restarts. A worker that dies loses only its lease:
+the job becomes due again when the lease expires (and at every start, when all leases are
+void). Transient failures (outage, timeouts, 5xx, a corrupted upload caught by verification)
+are retried with exponential backoff and jitter; permanent ones (access denied, no such
+bucket, a different object at our key) keep the job, raise an alert, and are retried only
+after the longest backoff, so a misconfigured node never spins.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from pacs_node.config import ReplicationConfig
+from pacs_node.index import ClaimedJob, Index, IndexFailure
+from pacs_node.storage.bucket import (
+    ObjectMeta,
+    PermanentTargetError,
+    ReplicationTarget,
+    TargetError,
+    instance_key,
+)
+from pacs_node.storage.cache import Cache
+
+log = logging.getLogger(__name__)
+
+_IDLE_POLL_S = 1.0
+
+
+def backoff_s(attempts: int, base_s: float, max_s: float, rng: random.Random) -> float:
+    """Exponential backoff with full jitter in [0.5, 1.5) of the nominal delay."""
+    nominal = min(max_s, base_s * 2 ** max(0, attempts - 1))
+    return nominal * rng.uniform(0.5, 1.5)
+
+
+def object_meta(job: ClaimedJob) -> ObjectMeta:
+    return ObjectMeta(
+        study_uid=job.study_uid,
+        series_uid=job.series_uid,
+        sop_uid=job.sop_uid,
+        sop_class_uid=job.sop_class_uid,
+        transfer_syntax_uid=job.transfer_syntax_uid,
+        version=job.version,
+        sha256=job.sha256,
+        dataset_offset=job.dataset_offset,
+        sender_ae=job.calling_ae,
+        sender_address=job.peer_address,
+        received_at=job.received_at.replace(tzinfo=UTC).isoformat(),
+    )
+
+
+@dataclass
+class _Stats:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    uploaded: int = 0
+    failed: int = 0
+    last_error: str | None = None
+
+
+class Replicator:
+    """A pool of worker threads draining the queue into one target."""
+
+    def __init__(
+        self,
+        index: Index,
+        cache: Cache,
+        target: ReplicationTarget,
+        config: ReplicationConfig,
+    ) -> None:
+        self._index = index
+        self._cache = cache
+        self.target = target
+        self._config = config
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._owner = f"{os.uname().nodename}:{os.getpid()}"
+        self._rng = random.Random()
+        self.stats = _Stats()
+
+    def start(self) -> None:
+        released = self._index.release_all_leases()
+        if released:
+            log.info("event=replication_leases_released count=%d", released)
+        for n in range(self._config.workers):
+            thread = threading.Thread(
+                target=self._run, args=(f"{self._owner}:{n}",), name=f"replicator-{n}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+        log.info(
+            "event=replication_started target=%r workers=%d",
+            self.target.description,
+            self._config.workers,
+        )
+
+    def wake(self) -> None:
+        """New work was queued (called after an instance is stored)."""
+        self._wake.set()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Let uploads in flight finish (up to the timeout); unfinished jobs stay queued."""
+        self._stopping.set()
+        self._wake.set()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._index.release_thread()
+
+    def alive(self) -> bool:
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
+
+    def _run(self, owner: str) -> None:
+        try:
+            while not self._stopping.is_set():
+                try:
+                    jobs = self._index.claim_jobs(owner, 1, self._config.lease_s)
+                except IndexFailure as e:
+                    log.warning("event=replication_claim_failed error=%s", e)
+                    jobs = []
+                if not jobs:
+                    self._wake.wait(_IDLE_POLL_S)
+                    self._wake.clear()
+                    continue
+                for job in jobs:
+                    self._replicate(owner, job)
+        finally:
+            self._index.release_thread()
+
+    def _replicate(self, owner: str, job: ClaimedJob) -> None:
+        started = time.perf_counter()
+        if job.cache_path is None:
+            # Only verified copies are ever evicted, so this job was already done.
+            self._index.ack_job(job.job_id, owner)
+            return
+        key = instance_key(self._config.prefix, job.cache_path)
+        try:
+            remote = self.target.put_instance(
+                key,
+                self._cache.path_of(job.cache_path),
+                object_meta(job),
+                object_lock_until=self._lock_until(job),
+            )
+        except TargetError as e:
+            self._failed(owner, job, key, e)
+            return
+        except OSError as e:  # the cached file cannot be read: keep the job, say so loudly
+            self._failed(owner, job, key, e)
+            return
+        if not self._index.ack_job(job.job_id, owner):
+            log.warning("event=replication_lease_lost sop_uid=%s key=%s", job.sop_uid, key)
+            return
+        with self.stats.lock:
+            self.stats.uploaded += 1
+        log.info(
+            "event=replicated sop_uid=%s version=%d key=%s bytes=%d ms=%.0f",
+            job.sop_uid,
+            job.version,
+            key,
+            remote.size,
+            (time.perf_counter() - started) * 1000,
+        )
+
+    def _failed(self, owner: str, job: ClaimedJob, key: str, error: Exception) -> None:
+        permanent = isinstance(error, PermanentTargetError)
+        kind = "permanent" if permanent else "transient"
+        if permanent:
+            retry_in = self._config.retry_max_s
+        else:
+            retry_in = backoff_s(
+                job.attempts, self._config.retry_base_s, self._config.retry_max_s, self._rng
+            )
+        message = f"{kind}: {type(error).__name__}: {error}"
+        with self.stats.lock:
+            self.stats.failed += 1
+            self.stats.last_error = message
+        (log.error if permanent else log.warning)(
+            "event=replication_failed%s sop_uid=%s key=%s attempt=%d retry_in_s=%.1f error=%r",
+            "_ALERT" if permanent else "",
+            job.sop_uid,
+            key,
+            job.attempts,
+            retry_in,
+            message,
+        )
+        try:
+            self._index.fail_job(job.job_id, owner, message, retry_in)
+        except IndexFailure as e:  # the lease expires on its own; the job is not lost
+            log.error("event=replication_fail_record_failed job=%d error=%s", job.job_id, e)
+
+    def _lock_until(self, job: ClaimedJob) -> datetime | None:
+        if not self._config.object_lock_mode:
+            return None
+        received = job.received_at.replace(tzinfo=UTC)
+        return received + timedelta(days=self._config.object_lock_retention_days)

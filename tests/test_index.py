@@ -1,0 +1,124 @@
+"""The index: schema migrations, and the replication queue's claim/lease/ack/retry rules."""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+import time
+from pathlib import Path
+
+import peewee as pw
+
+from pacs_node.index import Index, InstanceAttributes, NewInstance
+from pacs_node.index.catalog import utcnow
+from pacs_node.index.schema import MIGRATIONS, SCHEMA_VERSION, build_models
+
+ATTRIBUTES = InstanceAttributes(
+    patient_id="P1",
+    issuer_of_patient_id="",
+    patient_name="Doe^Jane",
+    patient_birth_date="19700101",
+    patient_sex="F",
+    study_uid="1.2.3",
+    study_date="20240101",
+    study_time="",
+    accession_number="A1",
+    study_id="1",
+    study_description="",
+    referring_physician_name="",
+    series_uid="1.2.3.4",
+    modality="CT",
+    series_number=1,
+    series_description="",
+    body_part_examined="",
+    sop_uid="1.2.3.4.1",
+    sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+    instance_number=1,
+    specific_character_set="",
+)
+
+
+def _add(index: Index, sop_uid: str, version: int = 1) -> None:
+    index.add_instance(
+        NewInstance(
+            attributes=dataclasses.replace(ATTRIBUTES, sop_uid=sop_uid),
+            version=version,
+            transfer_syntax_uid="1.2.840.10008.1.2.1",
+            file_size=100,
+            dataset_offset=10,
+            sha256="a" * 64,
+            cache_path=f"x/{sop_uid}.v{version}.dcm",
+            received_at=utcnow(),
+            calling_ae="CT",
+            peer_address="127.0.0.1:1234",
+        )
+    )
+
+
+def test_a_version_1_index_is_migrated_keeping_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    db = pw.SqliteDatabase(str(path))
+    models = build_models(db)
+    MIGRATIONS[1](db, models)  # what the first release created
+    models.SchemaInfo.create(version=1)
+    db.execute_sql(
+        "INSERT INTO patient (patient_id, issuer_of_patient_id, patient_name, "
+        "patient_birth_date, patient_sex, specific_character_set) VALUES ('P0','','','','','')"
+    )
+    db.close()
+    index = Index(path)
+    index.open()
+    _add(index, "1.2.3.4.9")
+    index.close()
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT version FROM schema_info").fetchone() == (SCHEMA_VERSION,)
+    assert con.execute("SELECT COUNT(*) FROM patient").fetchone() == (2,)
+    columns = {r[1] for r in con.execute("PRAGMA table_info(replication_job)")}
+    assert "last_attempt_at" in columns
+
+
+def test_claim_lease_ack_and_retry(tmp_path: Path) -> None:
+    index = Index(tmp_path / "i.sqlite3")
+    index.open()
+    for n in range(3):
+        _add(index, f"1.2.3.4.{n}")
+    first = index.claim_jobs("w1", 2, lease_s=60)
+    assert [j.sop_uid for j in first] == ["1.2.3.4.0", "1.2.3.4.1"]
+    assert all(j.attempts == 1 for j in first)
+    second = index.claim_jobs("w2", 5, lease_s=60)  # leased jobs are not handed out twice
+    assert [j.sop_uid for j in second] == ["1.2.3.4.2"]
+    assert index.claim_jobs("w3", 5, lease_s=60) == []
+    assert index.ack_job(first[0].job_id, "w1")
+    assert not index.ack_job(second[0].job_id, "w1")  # not w1's lease
+    index.fail_job(first[1].job_id, "w1", "transient: boom", retry_in_s=0.2)
+    assert index.claim_jobs("w3", 5, lease_s=60) == []  # not due yet
+    time.sleep(0.3)
+    (retry,) = index.claim_jobs("w3", 5, lease_s=60)
+    assert (retry.sop_uid, retry.attempts) == ("1.2.3.4.1", 2)
+    counts = index.replication_counts()
+    assert counts.pending == 2
+    assert counts.last_error == "transient: boom"
+    assert counts.replicated_last_minute == 1
+
+
+def test_an_expired_lease_returns_the_job(tmp_path: Path) -> None:
+    index = Index(tmp_path / "i.sqlite3")
+    index.open()
+    _add(index, "1.2.3.4.5")
+    (job,) = index.claim_jobs("dead-worker", 1, lease_s=0.2)
+    time.sleep(0.3)
+    (again,) = index.claim_jobs("w2", 1, lease_s=60)
+    assert again.job_id == job.job_id
+    assert not index.ack_job(job.job_id, "dead-worker")
+    assert index.ack_job(job.job_id, "w2")
+
+
+def test_restart_releases_leases_and_unparks_permanent_failures(tmp_path: Path) -> None:
+    index = Index(tmp_path / "i.sqlite3")
+    index.open()
+    _add(index, "1.2.3.4.6")
+    _add(index, "1.2.3.4.7")
+    a, b = index.claim_jobs("old-process", 2, lease_s=3600)
+    index.fail_job(b.job_id, "old-process", "permanent: AccessDenied", retry_in_s=3600)
+    assert index.release_all_leases() == 1
+    assert {j.sop_uid for j in index.claim_jobs("new", 5, lease_s=60)} == {a.sop_uid, b.sop_uid}
