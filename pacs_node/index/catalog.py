@@ -213,69 +213,75 @@ class Index:
             self._ids.put(key, row_id)
 
     def _patient_id(self, a: InstanceAttributes, created: list) -> int:
-        key = ("patient", a.patient_id, a.issuer_of_patient_id)
-        cached = self._ids.get(key)
-        if cached is not None:
-            return cached
-        m = self.models
-        row = (
-            m.Patient.select(m.Patient.id)
-            .where(
-                (m.Patient.patient_id == a.patient_id)
-                & (m.Patient.issuer_of_patient_id == a.issuer_of_patient_id)
-            )
-            .first()
+        P = self.models.Patient
+        return self._get_or_create(
+            ("patient", a.patient_id, a.issuer_of_patient_id),
+            P,
+            (P.patient_id == a.patient_id) & (P.issuer_of_patient_id == a.issuer_of_patient_id),
+            {
+                "patient_id": a.patient_id,
+                "issuer_of_patient_id": a.issuer_of_patient_id,
+                "patient_name": a.patient_name,
+                "patient_birth_date": a.patient_birth_date,
+                "patient_sex": a.patient_sex,
+                "specific_character_set": a.specific_character_set,
+            },
+            created,
         )
-        if row is None:
-            row = m.Patient.create(
-                patient_id=a.patient_id,
-                issuer_of_patient_id=a.issuer_of_patient_id,
-                patient_name=a.patient_name,
-                patient_birth_date=a.patient_birth_date,
-                patient_sex=a.patient_sex,
-                specific_character_set=a.specific_character_set,
-            )
-        created.append((key, row.id))
-        return row.id
 
     def _study_id(self, a: InstanceAttributes, patient_id: int, created: list) -> int:
-        key = ("study", a.study_uid)
-        cached = self._ids.get(key)
-        if cached is not None:
-            return cached
-        m = self.models
-        row = m.Study.select(m.Study.id).where(m.Study.study_uid == a.study_uid).first()
-        if row is None:
-            row = m.Study.create(
-                patient=patient_id,
-                study_uid=a.study_uid,
-                study_date=a.study_date,
-                study_time=a.study_time,
-                accession_number=a.accession_number,
-                study_id=a.study_id,
-                study_description=a.study_description,
-                referring_physician_name=a.referring_physician_name,
-                specific_character_set=a.specific_character_set,
-            )
-        created.append((key, row.id))
-        return row.id
+        Study = self.models.Study
+        return self._get_or_create(
+            ("study", a.study_uid),
+            Study,
+            Study.study_uid == a.study_uid,
+            {
+                "patient": patient_id,
+                "study_uid": a.study_uid,
+                "study_date": a.study_date,
+                "study_time": a.study_time,
+                "accession_number": a.accession_number,
+                "study_id": a.study_id,
+                "study_description": a.study_description,
+                "referring_physician_name": a.referring_physician_name,
+                "specific_character_set": a.specific_character_set,
+            },
+            created,
+        )
 
     def _series_id(self, a: InstanceAttributes, study_id: int, created: list) -> int:
-        key = ("series", a.series_uid)
+        Series = self.models.Series
+        return self._get_or_create(
+            ("series", a.series_uid),
+            Series,
+            Series.series_uid == a.series_uid,
+            {
+                "study": study_id,
+                "series_uid": a.series_uid,
+                "modality": a.modality,
+                "series_number": a.series_number,
+                "series_description": a.series_description,
+                "body_part_examined": a.body_part_examined,
+            },
+            created,
+        )
+
+    def _get_or_create(
+        self,
+        key: tuple[str, ...],
+        model: type[pw.Model],
+        condition: pw.Expression,
+        fields: dict[str, object],
+        created: list,
+    ) -> int:
+        """The row id for `key`: from the id cache, the table, or a new row (first values
+        win: later instances of the same study do not rewrite its attributes)."""
         cached = self._ids.get(key)
         if cached is not None:
             return cached
-        m = self.models
-        row = m.Series.select(m.Series.id).where(m.Series.series_uid == a.series_uid).first()
+        row = model.select(model.id).where(condition).first()
         if row is None:
-            row = m.Series.create(
-                study=study_id,
-                series_uid=a.series_uid,
-                modality=a.modality,
-                series_number=a.series_number,
-                series_description=a.series_description,
-                body_part_examined=a.body_part_examined,
-            )
+            row = model.create(**fields)
         created.append((key, row.id))
         return row.id
 
