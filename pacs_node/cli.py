@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import wraps
@@ -19,9 +20,14 @@ from typing import Any
 import click
 
 from pacs_node import __version__
+from pacs_node.audit import AuditLog
 from pacs_node.config import Config, ConfigError, load_config, with_overrides
 from pacs_node.index import Index, IndexFailure
-from pacs_node.node import REPLICATION_OFF_WARNING, Node, describe_target
+from pacs_node.node import REPLICATION_OFF_WARNING, Node, describe_target, target_settings
+from pacs_node.replication.reconcile import resync as resync_bucket
+from pacs_node.replication.verify import verify as verify_copies
+from pacs_node.storage.bucket import ReplicationTarget, TargetError, build_target
+from pacs_node.storage.cache import Cache
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
@@ -231,6 +237,247 @@ def _human_bytes(n: int) -> str:
             return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
         value /= 1024
     return f"{n} B"
+
+
+class _ProgressBar:
+    """The replication tools' progress on stderr: click's bar on a terminal, else a line
+    every few seconds (a log file or a pipe gets no control characters)."""
+
+    _EVERY_S = 5.0
+
+    def __init__(self) -> None:
+        self._tty = sys.stderr.isatty()
+        self._bar: Any = None
+        self._label = ""
+        self._total: int | None = None
+        self._done = 0
+        self._last = 0.0
+
+    def begin(self, label: str, total: int | None) -> None:
+        self._label, self._total, self._done = label, total, 0
+        self._last = time.monotonic()
+        if self._tty and total is not None:
+            self._bar = click.progressbar(length=total, label=label, file=sys.stderr)
+            self._bar.__enter__()
+
+    def advance(self, n: int = 1) -> None:
+        self._done += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif time.monotonic() - self._last >= self._EVERY_S:
+            self._last = time.monotonic()
+            self._line()
+
+    def end(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar = None
+        else:
+            self._line()
+
+    def _line(self) -> None:
+        of = f"/{self._total}" if self._total is not None else ""
+        click.echo(f"{self._label}: {self._done}{of}", err=True)
+
+
+def _replication_target(config: Config, command: str) -> ReplicationTarget:
+    """The configured target, or exit 2 when there is none or its settings are invalid."""
+    r = config.replication
+    if not r.enabled:
+        click.echo(
+            f"configuration error: {command} needs a replication target, and "
+            + REPLICATION_OFF_WARNING,
+            err=True,
+        )
+        sys.exit(EXIT_CONFIG)
+    try:
+        return build_target(target_settings(r))
+    except TargetError as e:
+        click.echo(f"configuration error: {e}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
+def _open_index(config: Config) -> Index | None:
+    """The existing index (None when no instance was ever received: never created here)."""
+    if not config.index.path.exists():
+        return None
+    index = Index(config.index.path, busy_timeout_s=config.index.busy_timeout_s)
+    index.open()
+    return index
+
+
+def _cache(config: Config) -> Cache:
+    return Cache(
+        config.storage.cache_dir,
+        min_free_bytes=config.storage.min_free_bytes,
+        max_object_bytes=config.dicom.max_object_bytes,
+    )
+
+
+_DETAIL_LINES = 100  # per kind on stdout; the log (stderr) names every one
+
+
+@main.command()
+@_common_options
+@click.option(
+    "--dry-run", is_flag=True, help="Report what differs; re-enqueue nothing, change nothing."
+)
+def resync(config: Config, dry_run: bool) -> None:
+    """Re-enqueue every instance whose bucket copy is missing or of another size.
+
+    Compares the index with a listing of <prefix>/instances/ in the bucket. The running node's
+    workers (or the next start) upload what was re-enqueued. Objects the index does not know
+    are listed, never deleted. Safe to run while `serve` runs.
+    """
+    _setup_logging("WARNING" if config.logging.level == "INFO" else config.logging.level)
+    target = _replication_target(config, "resync")
+    where = describe_target(config.replication)
+    index = None
+    try:
+        index = _open_index(config)
+        if index is None:
+            click.echo("index: not created yet (no instance received); listing the bucket only")
+        report = resync_bucket(
+            index,
+            _cache(config),
+            target,
+            config.replication.prefix,
+            dry_run=dry_run,
+            progress=_ProgressBar(),
+        )
+        if not dry_run and (report.requeued or report.unknown or report.unrepairable):
+            _audit_event(config, "resync_completed", target=where, **report.counts())
+    except TargetError as e:
+        click.echo(f"error: cannot reach the replication target {where}: {e}", err=True)
+        sys.exit(EXIT_FAILURE)
+    except (IndexFailure, OSError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_FAILURE)
+    finally:
+        if index is not None:
+            index.close()
+    for kind, items in (
+        ("missing", [f for f in report.findings if f.problem == "missing"]),
+        ("size differs", [f for f in report.findings if f.problem == "size_differs"]),
+        ("conflict", [f for f in report.findings if f.problem == "conflict"]),
+    ):
+        for f in items[:_DETAIL_LINES]:
+            detail = f" ({f.detail})" if f.detail else ""
+            click.echo(f"{kind}: {f.sop_uid} v{f.version} {f.key}{detail}")
+        if len(items) > _DETAIL_LINES:
+            click.echo(f"{kind}: ... and {len(items) - _DETAIL_LINES} more (see the log)")
+    for key, size in report.unknown:
+        click.echo(f"unknown object (not in the index, left in place): {key} ({size} bytes)")
+    for f in report.unrepairable:
+        click.echo(
+            f"UNREPAIRABLE: {f.sop_uid} v{f.version}: bucket copy {f.problem} and the instance "
+            "is not in the cache (nothing to upload); run `pacs-node verify`"
+        )
+    if report.conflicts:
+        click.echo(
+            f"WARNING: {report.conflicts} key(s) hold another instance or an object without our "
+            "metadata; the workers never replace those and will raise an alert (see status)"
+        )
+    repairable = len(report.findings) - len(report.unrepairable)
+    verb = "would re-enqueue" if dry_run else "re-enqueued"
+    click.echo(
+        f"resync{' (dry run)' if dry_run else ''} {where}: checked {report.checked}, "
+        f"missing {report.missing}, differing {report.differing}, "
+        f"{verb} {repairable if dry_run else report.requeued}, "
+        f"unknown objects {len(report.unknown)} "
+        f"(indexed {report.indexed}, still queued {report.queued}, listed {report.listed})"
+    )
+    if report.consistent:
+        click.echo("consistent: every checked instance has its object in the bucket")
+    if report.unrepairable:
+        sys.exit(EXIT_FAILURE)
+
+
+def _audit_event(config: Config, event: str, **fields: Any) -> None:
+    audit = AuditLog(config.audit.path)
+    audit.open()
+    try:
+        audit.record(event, **fields)
+    finally:
+        audit.close()
+
+
+@main.command()
+@_common_options
+@click.option(
+    "--sample",
+    type=click.IntRange(min=1),
+    help="Check N instance versions chosen at random (default: all).",
+)
+@click.option("--all", "check_all", is_flag=True, help="Check every instance version (default).")
+@click.option(
+    "--no-bucket", is_flag=True, help="Check the cached files only; never contact the bucket."
+)
+def verify(config: Config, sample: int | None, check_all: bool, no_bucket: bool) -> None:
+    """Re-hash cached files and bucket copies against the index, and heal what can be.
+
+    A corrupted cached file is replaced by its verified bucket copy; a missing or corrupted
+    bucket copy is re-enqueued for upload from the (verified) cache. Exits 1 naming every
+    instance that cannot be healed (cache and bucket copies both bad).
+    """
+    if sample is not None and check_all:
+        click.echo("usage error: --sample and --all exclude each other", err=True)
+        sys.exit(EXIT_CONFIG)
+    _setup_logging("WARNING" if config.logging.level == "INFO" else config.logging.level)
+    target: ReplicationTarget | None = None
+    where = "cache only (--no-bucket)"
+    if not no_bucket:
+        if config.replication.enabled:
+            target = _replication_target(config, "verify")
+            where = describe_target(config.replication)
+        else:
+            where = "cache only (replication is off)"
+            click.echo(f"note: {REPLICATION_OFF_WARNING}; checking the cache only", err=True)
+    index = None
+    audit = AuditLog(config.audit.path)
+    try:
+        index = _open_index(config)
+        if index is None:
+            click.echo("index: not created yet (no instance received); nothing to verify")
+            return
+        audit.open()
+        report = verify_copies(
+            index,
+            _cache(config),
+            target,
+            config.replication.prefix,
+            audit,
+            sample=sample,
+            progress=_ProgressBar(),
+        )
+    except TargetError as e:
+        # Heals and re-enqueues done before the failure stand (each is in the audit).
+        click.echo(f"error: replication target {where}: {e}; verify stopped", err=True)
+        sys.exit(EXIT_FAILURE)
+    except (IndexFailure, OSError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_FAILURE)
+    finally:
+        audit.close()
+        if index is not None:
+            index.close()
+    for sop_uid, version in report.healed:
+        click.echo(f"healed: {sop_uid} v{version} (cached file replaced by its bucket copy)")
+    for sop_uid, version in report.requeued:
+        click.echo(f"re-enqueued: {sop_uid} v{version} (bucket copy missing, corrupt or not ours)")
+    for u in report.unrecoverable:
+        click.echo(f"UNRECOVERABLE: {u.sop_uid} v{u.version}: {u.reason}")
+    r = report
+    click.echo(
+        f"verify {where}: checked {r.checked}; cache ok {r.cache_ok}, corrupt {r.cache_corrupt}, "
+        f"missing {r.cache_missing}, evicted {r.cache_evicted}; bucket checked "
+        f"{r.bucket_checked}, ok {r.bucket_ok}, missing {r.bucket_missing}, corrupt "
+        f"{r.bucket_corrupt}, conflict {r.bucket_conflict}, not checked {r.bucket_not_checked}; "
+        f"healed {len(r.healed)}, re-enqueued {len(r.requeued)}, "
+        f"unrecoverable {len(r.unrecoverable)}"
+    )
+    if r.unrecoverable:
+        sys.exit(EXIT_FAILURE)
 
 
 @main.group("config")

@@ -124,6 +124,20 @@ class ReplicationConfig:
 
 
 @dataclass(frozen=True)
+class CommitmentConfig:
+    # Storage commitment (N-ACTION, push model): an instance is committed once its bucket copy
+    # is verified; false: once it is fsynced and indexed locally (sites without replication).
+    require_replication: bool = True
+    # How long a request waits for its instances to become committable before the rest are
+    # reported as failures (0x0110).
+    max_wait_s: float = 3600.0
+    # Requests waiting at once; one more is answered 0x0213 (resource limitation).
+    max_pending: int = 64
+    # How often a waiting request looks at the index again.
+    poll_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: Path
     dicom: DicomConfig
@@ -134,6 +148,7 @@ class Config:
     audit: AuditConfig
     logging: LoggingConfig
     replication: ReplicationConfig
+    commitment: CommitmentConfig = CommitmentConfig()
     source: str = field(default="<embedded default>", compare=False)
 
     @property
@@ -400,6 +415,17 @@ def build_config(
 
     replication = _replication(raw.get("replication", {}), resolved_data_dir)
     top._read.add("replication")
+
+    s = _Section(raw.get("commitment", {}), "commitment")
+    c = CommitmentConfig
+    commitment = CommitmentConfig(
+        require_replication=bool(s.bool_("require_replication", c.require_replication)),
+        max_wait_s=s.float_("max_wait_s", c.max_wait_s, 0, 7 * 86400),
+        max_pending=s.int_("max_pending", c.max_pending, 1, 1024),
+        poll_interval_s=s.float_("poll_interval_s", c.poll_interval_s, 0.05, 60),
+    )
+    s.finish()
+    top._read.add("commitment")
     top.finish()
 
     config = Config(
@@ -412,6 +438,7 @@ def build_config(
         audit=audit,
         logging=logging_config,
         replication=replication,
+        commitment=commitment,
         source=source,
     )
     _check_exposure(config)

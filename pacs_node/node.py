@@ -79,7 +79,7 @@ class Node:
             config.duplicates,
             on_stored=self.replicator.wake if self.replicator else None,
         )
-        self.dicom = DicomServer(config, self.ingest, self.audit)
+        self.dicom = DicomServer(config, self.ingest, self.audit, self.index)
         self._stopped = threading.Event()
 
     def start(self) -> None:
@@ -95,6 +95,13 @@ class Node:
         self._warn_about_exposure()
         if self.replicator is None:
             log.warning("event=replication_off message=%r", REPLICATION_OFF_WARNING)
+            if config.commitment.require_replication:
+                log.warning(
+                    "event=commitment_impossible message=%r",
+                    "commitment.require_replication = true and replication is off: every "
+                    "storage commitment request is answered with failures; set a "
+                    "[replication] target, or commitment.require_replication = false",
+                )
         else:
             self._check_target()
             self.replicator.start()

@@ -292,3 +292,39 @@ def test_checksum_modes_replicate_and_verify(
     assert_bucket_matches_index(
         s3_client(s3_server.endpoint_url), bucket, db, node.config.storage.cache_dir
     )
+
+
+def test_a_cached_file_damaged_before_upload_is_never_sent(
+    start_node: Callable[..., RunningNode], s3_server: Any, bucket: str, tmp_path: Path
+) -> None:
+    proxy = FaultProxy(s3_server.port)
+    try:
+        proxy.set_mode("refuse")
+        node = start_node(
+            replication=replication_section(bucket, proxy.endpoint_url, retry_max_s=1.0)
+        )
+        make_folder(tmp_path / "in", 3, syntaxes=[ExplicitVRLittleEndian])
+        store_folder(node.port, tmp_path / "in")
+        db = node.config.index.path
+        rows = list(instance_rows(db).values())
+        damaged = node.config.storage.cache_dir / rows[0]["cache_path"]
+        data = bytearray(damaged.read_bytes())
+        data[-10] ^= 0xFF
+        damaged.write_bytes(bytes(data))
+        proxy.set_mode("pass")
+        wait_until(lambda: pending_jobs(db) == 1, 30, "the two healthy instances to replicate")
+        wait_until(
+            lambda: status(node.data_dir)["replication"]["alert"], 30, "the corruption alert"
+        )
+    finally:
+        proxy.close()
+    report = status(node.data_dir)["replication"]
+    assert "does not match its indexed SHA-256" in report["last_error"]
+    keys = {
+        o["Key"]
+        for o in s3_client(s3_server.endpoint_url)
+        .list_objects_v2(Bucket=bucket)
+        .get("Contents", [])
+    }
+    assert f"{PREFIX}/instances/{rows[0]['cache_path']}" not in keys
+    assert len(keys) == 2

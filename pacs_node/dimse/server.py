@@ -16,14 +16,16 @@ from typing import TYPE_CHECKING, Any
 
 from pynetdicom import AE, _config, evt
 from pynetdicom.acse import ACSE
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from pacs_node.audit import AuditLog
 from pacs_node.config import Config
 from pacs_node.dimse.access import LOCAL_LIMIT_EXCEEDED, AccessPolicy, Refusal
+from pacs_node.dimse.commitment import CommitmentService
 from pacs_node.dimse.receive import StoreReceiver, TunedSocket, quickack
 from pacs_node.dimse.status import NOT_AUTHORIZED, SUCCESS
+from pacs_node.index import Index
 from pacs_node.ingest import Ingest
 
 if TYPE_CHECKING:
@@ -149,11 +151,12 @@ class _NodeServer(ThreadedAssociationServer):
 class DicomServer:
     """Listens for associations; `start()` returns once the port is bound."""
 
-    def __init__(self, config: Config, ingest: Ingest, audit: AuditLog) -> None:
+    def __init__(self, config: Config, ingest: Ingest, audit: AuditLog, index: Index) -> None:
         self.config = config
         self.ingest = ingest
         self.audit = audit
         self.policy = AccessPolicy(config)
+        self.commitment = CommitmentService(config, index, audit, self.policy)
         self._ae: AE | None = None
         self._server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
@@ -176,7 +179,13 @@ class DicomServer:
         ae.network_timeout = d.network_timeout_s
         ae.require_called_aet = True
         ae.add_supported_context(Verification)
-        handlers = [(evt.EVT_C_ECHO, self._on_echo)]
+        # Storage commitment: we are SCP of the N-ACTION (the default roles).
+        ae.add_supported_context(StorageCommitmentPushModel)
+        handlers = [
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_N_ACTION, self.commitment.on_n_action),
+            (evt.EVT_DIMSE_SENT, self.commitment.on_dimse_sent),
+        ]
         server = ae.make_server(
             (d.host, d.port),
             evt_handlers=handlers,
@@ -218,6 +227,7 @@ class DicomServer:
         ]
         for receiver in receivers:
             receiver.draining = True
+        self.commitment.stop()  # waiting requests end unreported
         deadline = time.monotonic() + drain_timeout_s
         while any(r.busy for r in receivers) and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -225,4 +235,5 @@ class DicomServer:
         if in_flight:
             log.warning("event=drain_timeout aborting_in_flight=%d", in_flight)
         self._ae.shutdown()
+        self.commitment.join()  # reports in flight end with their associations
         self._server = None

@@ -20,6 +20,14 @@ CANNOT_UNDERSTAND_CONFLICT = 0xC213  # same UID, different bytes, and the site r
 NOT_AUTHORIZED = 0x0124  # Refused: the calling AE may not use this service
 PROCESSING_FAILURE = 0x0110  # anything unexpected: a bug, logged with its traceback
 
+# N-ACTION (PS3.7 10.1.4.1.10 and Annex C), used by storage commitment.
+NO_SUCH_SOP_INSTANCE = 0x0112  # not the well-known Storage Commitment instance
+INVALID_ARGUMENT_VALUE = 0x0115  # undecodable Action Information, or a malformed UID in it
+MISSING_ATTRIBUTE = 0x0120  # Transaction UID or Referenced SOP Sequence absent
+MISSING_ATTRIBUTE_VALUE = 0x0121  # ... present but empty, or an item without its UIDs
+NO_SUCH_ACTION = 0x0123  # Action Type ID other than 1
+RESOURCE_LIMITATION = 0x0213  # commitment.max_pending requests are already waiting
+
 STORE_FAILURE_STATUS: dict[FailureKind, int] = {
     FailureKind.OUT_OF_SPACE: OUT_OF_RESOURCES,
     FailureKind.INDEX_UNAVAILABLE: OUT_OF_RESOURCES_INDEX,

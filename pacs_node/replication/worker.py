@@ -35,6 +35,16 @@ log = logging.getLogger(__name__)
 _IDLE_POLL_S = 1.0
 
 
+class CachedCopyCorrupt(PermanentTargetError):
+    """The cached file no longer hashes to the indexed SHA-256: it is not uploaded."""
+
+    def __init__(self, cache_path: str) -> None:
+        super().__init__(
+            f"the cached file {cache_path} does not match its indexed SHA-256; not uploaded "
+            "(run `pacs-node verify` to heal it from a verified copy)"
+        )
+
+
 def backoff_s(attempts: int, base_s: float, max_s: float, rng: random.Random) -> float:
     """Exponential backoff with full jitter in [0.5, 1.5) of the nominal delay."""
     nominal = min(max_s, base_s * 2 ** max(0, attempts - 1))
@@ -143,6 +153,12 @@ class Replicator:
             return
         key = instance_key(self._config.prefix, job.cache_path)
         try:
+            # Never send bytes that are not the instance: a cached file damaged since it was
+            # received would reach the bucket labelled with the right hash.
+            digest = self._cache.digest(job.cache_path, job.dataset_offset)
+            if digest.dataset_sha256 != job.sha256 or digest.size != job.file_size:
+                self._failed(owner, job, key, CachedCopyCorrupt(job.cache_path))
+                return
             remote = self.target.put_instance(
                 key,
                 self._cache.path_of(job.cache_path),

@@ -224,6 +224,9 @@ class TargetSettings:
 
 class ReplicationTarget(Protocol):
     description: str
+    # True when the ETag of a single-part object is the MD5 the store computed from the bytes
+    # it holds, so comparing it with a local MD5 checks the stored copy without a download.
+    etag_is_content_md5: bool
 
     def check(self) -> None: ...
 
@@ -534,6 +537,7 @@ class S3Target:
         self._sse_args, self._sse_c_args = _sse_args(settings)
         # The ETag of an SSE-KMS or SSE-C object is not the MD5 of its bytes.
         self._etag_is_md5 = settings.sse in ("none", "s3")
+        self.etag_is_content_md5 = self._etag_is_md5
         self._conditional = True  # cleared if the store refuses If-None-Match
         self._lock = threading.Lock()
         try:
@@ -1085,6 +1089,9 @@ class DirectoryTarget:
         self.settings = settings
         self.root = Path(settings.directory)
         self.description = f"dir:{self.root}"
+        # The sidecar's MD5 records what was written, not what the disk holds now (bit rot,
+        # a file edited behind our back): checking a copy means reading it.
+        self.etag_is_content_md5 = False
         self._tmp = self.root / _TMP_DIR
         self._locks = [threading.Lock() for _ in range(64)]
 

@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from pacs_node.storage.layout import InstanceLocation
 
@@ -23,6 +24,10 @@ log = logging.getLogger(__name__)
 
 INCOMING_DIR = ".incoming"
 _TMP_SUFFIX = ".part"
+# A replication target's download writes `.<dest>.<random>.download` beside its destination,
+# so a scratch file for a heal that a crash interrupted can be left under this name too.
+_DOWNLOAD_SUFFIX = ".download"
+_READ_CHUNK = 1024 * 1024
 
 
 class CacheError(Exception):
@@ -41,6 +46,34 @@ class AlreadyStored(CacheError):
     """A file already exists at the destination: the cache never overwrites."""
 
 
+class NotVerified(CacheError):
+    """Replacement bytes do not hash to the indexed value: the cached file was left alone."""
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    """One streaming pass over a cached (or downloaded) instance file."""
+
+    size: int
+    dataset_sha256: str  # of the bytes from dataset_offset on: the instance's identity
+    md5: str  # of the whole file: what a single-part S3 ETag of the same bytes is
+
+
+def digest_file(path: Path, dataset_offset: int) -> FileDigest:
+    """Hash a file in bounded chunks; raises OSError (FileNotFoundError when it is gone)."""
+    sha = hashlib.sha256()
+    md5 = hashlib.md5(usedforsecurity=False)
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(_READ_CHUNK):
+            md5.update(chunk)
+            # Only the dataset bytes count for the identity: the File Meta header is ours.
+            if size + len(chunk) > dataset_offset:
+                sha.update(chunk[max(0, dataset_offset - size) :])
+            size += len(chunk)
+    return FileDigest(size=size, dataset_sha256=sha.hexdigest(), md5=md5.hexdigest())
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -49,7 +82,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _raise_for_os_error(e: OSError, what: str) -> None:
+def _raise_for_os_error(e: OSError, what: str) -> NoReturn:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         raise CacheFull(f"{what}: no space left on the cache filesystem") from e
     raise CacheError(f"{what}: {e.strerror or e}") from e
@@ -151,9 +184,10 @@ class Cache:
         """
         self.incoming.mkdir(parents=True, exist_ok=True)
         removed = 0
-        for leftover in self.incoming.glob(f"*{_TMP_SUFFIX}"):
-            leftover.unlink(missing_ok=True)
-            removed += 1
+        for pattern in (f"*{_TMP_SUFFIX}", f".*{_DOWNLOAD_SUFFIX}"):
+            for leftover in self.incoming.glob(pattern):
+                leftover.unlink(missing_ok=True)
+                removed += 1
         if removed:
             fsync_dir(self.incoming)
         return removed
@@ -220,6 +254,66 @@ class Cache:
         path = self.root / relative_path
         path.unlink(missing_ok=True)
         fsync_dir(path.parent)
+
+    def has(self, relative_path: str) -> bool:
+        return (self.root / relative_path).is_file()
+
+    def digest(self, relative_path: str, dataset_offset: int) -> FileDigest:
+        """Re-hash a committed file (raises FileNotFoundError when it is gone, OSError when it
+        cannot be read)."""
+        return digest_file(self.root / relative_path, dataset_offset)
+
+    @contextlib.contextmanager
+    def scratch_file(self) -> Iterator[Path]:
+        """A path for a temporary file in `.incoming/` (same filesystem as the cached files, so
+        a heal is a rename; swept at start if a crash leaves it), removed afterwards."""
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        name = f"{os.getpid()}-heal-{os.urandom(6).hex()}{_TMP_SUFFIX}"
+        path = self.incoming / name
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+
+    def replace_verified(
+        self,
+        relative_path: str,
+        source: Path,
+        *,
+        dataset_offset: int,
+        expected_sha256: str,
+        expected_size: int,
+    ) -> FileDigest:
+        """Put `source` (a scratch file) in place of a corrupted or missing cached file.
+
+        The one place the cache replaces a file, and only with bytes whose dataset SHA-256 and
+        size equal the indexed ones (checked here, on the very file that is renamed): a heal
+        can never turn a good instance into a different one. Raises NotVerified otherwise,
+        leaving the cached file as it was. Durable like `commit`: fsync, rename, fsync dir.
+        """
+        digest = digest_file(source, dataset_offset)
+        if digest.dataset_sha256 != expected_sha256 or digest.size != expected_size:
+            raise NotVerified(
+                f"{relative_path}: replacement has sha256 {digest.dataset_sha256} and "
+                f"{digest.size} bytes, the index says {expected_sha256} and {expected_size}"
+            )
+        final = self.root / relative_path
+        try:
+            fd = os.open(source, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.chmod(source, 0o640)
+            created = self._make_parents(final.parent)
+            os.replace(source, final)
+            fsync_dir(final.parent)
+            for directory in created:
+                fsync_dir(directory.parent)
+            fsync_dir(self.incoming)
+        except OSError as e:
+            _raise_for_os_error(e, f"replacing {relative_path}")
+        return digest
 
     def iter_files(self) -> Iterator[Path]:
         for path in self.root.rglob("*.dcm"):
