@@ -104,13 +104,14 @@ def write_toml(path: Path, text: str) -> Path:
 class NodeProcess:
     """`pacs-node serve` as a child process (for crash tests and the CLI)."""
 
-    def __init__(self, args: list[str], log_path: Path) -> None:
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.log_path = log_path
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pacs_node", *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
 
     def wait_listening(self, port: int, timeout: float = 20) -> None:

@@ -24,7 +24,13 @@ from pacs_node.storage.bucket import ObjectMeta
 from tests.checks import instance_rows
 from tests.conftest import NODE_AE, NodeProcess, RunningNode, dcmtk, free_port
 from tests.factory import Made, make_folder
-from tests.s3server import FaultProxy, _moto_process, bucket, s3_server  # noqa: F401 (fixtures)
+from tests.s3server import (  # noqa: F401 (fixtures)
+    FaultProxy,
+    MotoServer,
+    _moto_process,
+    bucket,
+    s3_server,
+)
 
 PREFIX = "site-a"
 
@@ -328,3 +334,61 @@ def test_a_cached_file_damaged_before_upload_is_never_sent(
     }
     assert f"{PREFIX}/instances/{rows[0]['cache_path']}" not in keys
     assert len(keys) == 2
+
+
+def test_wrong_credentials_alert_and_resume_once_fixed_and_restarted(tmp_path: Path) -> None:
+    """A moto server that checks access keys (the session's shared one does not)."""
+    strict = MotoServer(free_port(), tmp_path / "moto.log", {"INITIAL_NO_AUTH_ACTION_COUNT": "4"})
+    strict.start()
+    try:
+        anonymous = {"aws_access_key_id": "setup", "aws_secret_access_key": "setup"}
+        iam = boto3.client(
+            "iam", endpoint_url=strict.endpoint_url, region_name="us-east-1", **anonymous
+        )
+        iam.create_user(UserName="pacs")
+        iam.put_user_policy(
+            UserName="pacs",
+            PolicyName="s3",
+            PolicyDocument=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+                }
+            ),
+        )
+        key = iam.create_access_key(UserName="pacs")["AccessKey"]
+        good = {
+            "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+        }
+        boto3.client(
+            "s3",
+            endpoint_url=strict.endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id=good["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=good["AWS_SECRET_ACCESS_KEY"],
+        ).create_bucket(Bucket="pacs-auth")
+        wrong = {"AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG", "AWS_SECRET_ACCESS_KEY": "nope"}
+        port = free_port()
+        config = _write_config(
+            tmp_path,
+            port,
+            replication_section("pacs-auth", strict.endpoint_url, retry_max_s=60.0),
+        )
+        node = NodeProcess(["serve", "--config", str(config)], tmp_path / "node.log", wrong)
+        node.wait_listening(port)
+        make_folder(tmp_path / "in", 4, syntaxes=[ExplicitVRLittleEndian])
+        store_folder(port, tmp_path / "in")
+        data = tmp_path / "data"
+        wait_until(lambda: status(data, config)["replication"]["alert"], 30, "the alert")
+        report = status(data, config)["replication"]
+        assert "InvalidAccessKeyId" in report["last_error"]
+        assert "nope" not in report["last_error"]
+        assert node.terminate() == 0
+        node = NodeProcess(["serve", "--config", str(config)], tmp_path / "node.log", good)
+        node.wait_listening(port)
+        wait_until(lambda: pending_jobs(data / "index.sqlite3") == 0, 60, "replication")
+        assert node.terminate() == 0
+        assert status(data, config)["replication"]["alert"] is False
+    finally:
+        strict.stop()
