@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from pydicom import config as pydicom_config
+from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator
 from pydicom.uid import UID
+from pydicom.valuerep import TEXT_VR_DELIMS, PersonName
 
 from pacs_node.index.records import InstanceAttributes
 
@@ -139,53 +140,63 @@ class _strict_reading:
         pydicom_config.settings.reading_validation_mode = self._saved
 
 
+_PERSON_NAMES = {0x0010_0010, 0x0008_0090}
+_TEXTS = {0x0008_1030, 0x0008_103E, 0x0010_0020, 0x0010_0021, 0x0020_0010, 0x0008_0050}
+
+
 def _attributes(wanted: dict[int, RawDataElement]) -> InstanceAttributes:
-    ds = Dataset()
-    for tag, element in wanted.items():
-        ds[tag] = element  # converted lazily, with the dataset's character set
+    """Decode the wanted raw values directly: pydicom's Dataset machinery (keyword lookups,
+    lazy conversion) cost more than the rest of the ingest path's Python together."""
     try:
-        charset = _text(ds, "SpecificCharacterSet")
+        charset = _ascii(wanted.get(0x0008_0005))
+        encodings = convert_encodings([c.strip() for c in charset.split("\\")] or [""])
+        values: dict[str, str] = {}
+        for tag, keyword in _WANTED.items():
+            element = wanted.get(tag)
+            if element is None or not element.value:
+                values[keyword] = ""
+            elif tag in _PERSON_NAMES:
+                values[keyword] = str(PersonName(element.value, encodings)).strip()
+            elif tag in _TEXTS:
+                values[keyword] = decode_bytes(element.value, encodings, TEXT_VR_DELIMS).strip()
+            else:
+                values[keyword] = _ascii(element)
         return InstanceAttributes(
-            patient_id=_text(ds, "PatientID"),
-            issuer_of_patient_id=_text(ds, "IssuerOfPatientID"),
-            patient_name=_text(ds, "PatientName"),
-            patient_birth_date=_text(ds, "PatientBirthDate"),
-            patient_sex=_text(ds, "PatientSex"),
-            study_uid=_text(ds, "StudyInstanceUID"),
-            study_date=_text(ds, "StudyDate"),
-            study_time=_text(ds, "StudyTime"),
-            accession_number=_text(ds, "AccessionNumber"),
-            study_id=_text(ds, "StudyID"),
-            study_description=_text(ds, "StudyDescription"),
-            referring_physician_name=_text(ds, "ReferringPhysicianName"),
-            series_uid=_text(ds, "SeriesInstanceUID"),
-            modality=_text(ds, "Modality"),
-            series_number=_int(ds, "SeriesNumber"),
-            series_description=_text(ds, "SeriesDescription"),
-            body_part_examined=_text(ds, "BodyPartExamined"),
-            sop_uid=_text(ds, "SOPInstanceUID"),
-            sop_class_uid=_text(ds, "SOPClassUID"),
-            instance_number=_int(ds, "InstanceNumber"),
+            patient_id=values["PatientID"],
+            issuer_of_patient_id=values["IssuerOfPatientID"],
+            patient_name=values["PatientName"],
+            patient_birth_date=values["PatientBirthDate"],
+            patient_sex=values["PatientSex"],
+            study_uid=values["StudyInstanceUID"],
+            study_date=values["StudyDate"],
+            study_time=values["StudyTime"],
+            accession_number=values["AccessionNumber"],
+            study_id=values["StudyID"],
+            study_description=values["StudyDescription"],
+            referring_physician_name=values["ReferringPhysicianName"],
+            series_uid=values["SeriesInstanceUID"],
+            modality=values["Modality"],
+            series_number=_int(values["SeriesNumber"]),
+            series_description=values["SeriesDescription"],
+            body_part_examined=values["BodyPartExamined"],
+            sop_uid=values["SOPInstanceUID"],
+            sop_class_uid=values["SOPClassUID"],
+            instance_number=_int(values["InstanceNumber"]),
             specific_character_set=charset,
         )
     except Exception as e:
         raise DatasetUnreadable(f"an identifying attribute cannot be decoded: {e}") from e
 
 
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    if value is None:
+def _ascii(element: RawDataElement | None) -> str:
+    """Values of the default repertoire (UI, DA, TM, CS, IS): never fails, padding removed."""
+    if element is None or not element.value:
         return ""
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value)
-    return str(value).strip()
+    return bytes(element.value).decode("latin-1").strip("\x00 ")
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
-    value = ds.get(keyword)
-    if value in (None, ""):
-        return None
+def _int(text: str) -> int | None:
     try:
-        return int(value)
-    except (TypeError, ValueError):
+        return int(text.split("\\")[0])
+    except ValueError:
         return None
