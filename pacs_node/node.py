@@ -152,3 +152,4 @@ class Node:
         finally:
             self.audit.close()
             self.index.close()
+            self.cache.close()

@@ -74,4 +74,9 @@ def assert_stored(made: Made, rows: dict, cache_dir: Path, sent_sha256: str | No
 
 
 def leftover_temp_files(cache_dir: Path) -> list[Path]:
-    return sorted((cache_dir / ".incoming").glob("*"))
+    """What a transfer left behind: anything but the empty spares the cache keeps ready."""
+    return sorted(
+        p
+        for p in (cache_dir / ".incoming").glob("*")
+        if not (p.name.endswith(".spare.part") and p.stat().st_size == 0)
+    )

@@ -290,7 +290,12 @@ def file_dataset_bytes(path: Path) -> bytes:
 
 
 def snapshot(root: Path) -> set[Path]:
-    return set(root.rglob("*"))
+    """Every path below root, but the empty spare files the cache keeps ready."""
+    return {
+        p
+        for p in root.rglob("*")
+        if not (p.name.endswith(".spare.part") and p.is_file() and p.stat().st_size == 0)
+    }
 
 
 def expected_new_paths(node: RunningNode) -> set[Path]:

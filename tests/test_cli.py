@@ -113,11 +113,11 @@ def test_sigterm_lets_a_transfer_in_flight_finish(tmp_path: Path) -> None:
         )
     )
     sender.start()
-    incoming = data / "cache" / ".incoming"
+    cache = data / "cache"
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not any(incoming.glob("*.part")):
+    while time.monotonic() < deadline and not leftover_temp_files(cache):
         time.sleep(0.01)
-    assert any(incoming.glob("*.part")), "the transfer never started"
+    assert leftover_temp_files(cache), "the transfer never started"
     code = proc.terminate(timeout=60)
     sender.join(60)
     assert code == 0

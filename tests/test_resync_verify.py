@@ -21,7 +21,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
 from pacs_node.audit import read_audit
-from tests.checks import instance_rows
+from tests.checks import instance_rows, leftover_temp_files
 from tests.conftest import RunningNode, free_port
 from tests.factory import make_folder
 from tests.s3server import _moto_process, bucket, s3_server  # noqa: F401 (fixtures)
@@ -200,7 +200,7 @@ def test_verify_heals_a_flipped_byte_in_the_cache_from_the_bucket(
     assert completed["checked"] == 6
     assert completed["healed"] == 1
     assert completed["unrecoverable"] == 0
-    assert not list((node.config.storage.cache_dir / ".incoming").iterdir())
+    assert leftover_temp_files(node.config.storage.cache_dir) == []
     assert cli(config, "verify", "--all").returncode == 0  # and now all is well
 
 

@@ -8,12 +8,15 @@ touched. Only after `commit()` returns may the caller acknowledge the instance.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import hashlib
+import itertools
 import logging
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -24,6 +27,7 @@ log = logging.getLogger(__name__)
 
 INCOMING_DIR = ".incoming"
 _TMP_SUFFIX = ".part"
+SPARE_MARK = ".spare"  # an empty <name>.spare.part is a spare not yet used (see _SpareFiles)
 # A replication target's download writes `.<dest>.<random>.download` beside its destination,
 # so a scratch file for a heal that a crash interrupted can be left under this name too.
 _DOWNLOAD_SUFFIX = ".download"
@@ -94,17 +98,20 @@ class IncomingFile:
     Hashes the dataset bytes (SHA-256) while writing, so nothing is read twice.
     """
 
-    def __init__(self, path: Path, header: bytes, max_bytes: int) -> None:
+    def __init__(self, path: Path, header: bytes, max_bytes: int, fd: int | None = None) -> None:
+        """`fd`: an empty file already created at `path` (see `_SpareFiles`)."""
         self.path = path
         self._max_bytes = max_bytes
         self._sha256 = hashlib.sha256()
         self.dataset_offset = len(header)
         self.dataset_size = 0
         self._closed = False
-        try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        except OSError as e:
-            _raise_for_os_error(e, "creating a temporary file")
+        if fd is None:
+            try:
+                fd = _create_exclusive(path)
+            except OSError as e:
+                _raise_for_os_error(e, "creating a temporary file")
+        self._fd = fd
         self._write_all(header)
 
     def _write_all(self, data: bytes | memoryview) -> None:
@@ -160,6 +167,57 @@ class IncomingFile:
             self.path.unlink()
 
 
+def _create_exclusive(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+
+
+class _SpareFiles:
+    """A few empty temporary files created ahead of need by a background thread.
+
+    Creating a file waits for the filesystem journal, which the fsyncs of other instances keep
+    busy: ~0.4 ms measured here, on the critical path of every C-STORE. Taking a ready file
+    moves that wait off it. Spares are ordinary temporary files: swept at start like any other.
+    """
+
+    def __init__(self, directory: Path, make_name: Callable[[], str], count: int = 4) -> None:
+        self._directory = directory
+        self._make_name = make_name
+        self._count = count
+        self._ready: collections.deque[tuple[int, Path]] = collections.deque()
+        self._wanted = threading.Event()
+        self._closing = False
+        self._thread = threading.Thread(target=self._fill, name="cache-spares", daemon=True)
+        self._thread.start()
+
+    def take(self) -> tuple[int, Path] | None:
+        self._wanted.set()
+        try:
+            return self._ready.popleft()
+        except IndexError:
+            return None
+
+    def _fill(self) -> None:
+        while not self._closing:
+            while len(self._ready) < self._count and not self._closing:
+                path = self._directory / self._make_name()
+                try:
+                    self._ready.append((_create_exclusive(path), path))
+                except OSError as e:  # a full or failing disk: begin() creates and reports
+                    log.debug("event=spare_file_failed error=%s", e)
+                    break
+            self._wanted.wait(1.0)
+            self._wanted.clear()
+
+    def close(self) -> None:
+        self._closing = True
+        self._wanted.set()
+        self._thread.join(5)
+        while self._ready:
+            fd, path = self._ready.popleft()
+            os.close(fd)
+            path.unlink(missing_ok=True)
+
+
 @dataclass(frozen=True)
 class StoredFile:
     relative_path: str
@@ -174,7 +232,8 @@ class Cache:
         self.incoming = root / INCOMING_DIR
         self._min_free_bytes = min_free_bytes
         self._max_object_bytes = max_object_bytes
-        self._counter = 0
+        self._counter = itertools.count(1)
+        self._spares: _SpareFiles | None = None
 
     def open(self) -> int:
         """Create the directories and remove what a crash left half-received.
@@ -190,7 +249,18 @@ class Cache:
                 removed += 1
         if removed:
             fsync_dir(self.incoming)
+        if self._spares is None:
+            self._spares = _SpareFiles(self.incoming, lambda: self._temp_name(SPARE_MARK))
         return removed
+
+    def close(self) -> None:
+        if self._spares is not None:
+            self._spares.close()
+            self._spares = None
+
+    def _temp_name(self, kind: str = "") -> str:
+        unique = f"{os.getpid()}-{id(self):x}-{next(self._counter)}-{os.urandom(4).hex()}"
+        return f"{unique}{kind}{_TMP_SUFFIX}"
 
     def free_bytes(self) -> int:
         st = os.statvfs(self.root)
@@ -203,9 +273,11 @@ class Cache:
                 f"free space on the cache filesystem is below storage.min_free_bytes "
                 f"({self._min_free_bytes} bytes)"
             )
-        self._counter += 1
-        name = f"{os.getpid()}-{id(self):x}-{self._counter}-{os.urandom(4).hex()}{_TMP_SUFFIX}"
-        return IncomingFile(self.incoming / name, header, self._max_object_bytes)
+        spare = self._spares.take() if self._spares is not None else None
+        if spare is not None:
+            fd, path = spare
+            return IncomingFile(path, header, self._max_object_bytes, fd)
+        return IncomingFile(self.incoming / self._temp_name(), header, self._max_object_bytes)
 
     def path_of(self, relative_path: str) -> Path:
         return self.root / relative_path
