@@ -73,10 +73,17 @@ def assert_stored(made: Made, rows: dict, cache_dir: Path, sent_sha256: str | No
     assert meta.TransferSyntaxUID == made.transfer_syntax_uid
 
 
+def is_unused_spare(path: Path) -> bool:
+    """An empty spare file the cache keeps ready (it may vanish while we look: taken, or
+    removed at stop)."""
+    if not path.name.endswith(".spare.part"):
+        return False
+    try:
+        return path.stat().st_size == 0
+    except FileNotFoundError:
+        return True
+
+
 def leftover_temp_files(cache_dir: Path) -> list[Path]:
     """What a transfer left behind: anything but the empty spares the cache keeps ready."""
-    return sorted(
-        p
-        for p in (cache_dir / ".incoming").glob("*")
-        if not (p.name.endswith(".spare.part") and p.stat().st_size == 0)
-    )
+    return sorted(p for p in (cache_dir / ".incoming").glob("*") if not is_unused_spare(p))

@@ -29,7 +29,7 @@ from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import Verification
 
 from pacs_node.audit import read_audit
-from tests.checks import instance_rows, leftover_temp_files
+from tests.checks import instance_rows, is_unused_spare, leftover_temp_files
 from tests.conftest import NODE_AE, RunningNode, dcmtk
 from tests.factory import (
     Made,
@@ -291,11 +291,7 @@ def file_dataset_bytes(path: Path) -> bytes:
 
 def snapshot(root: Path) -> set[Path]:
     """Every path below root, but the empty spare files the cache keeps ready."""
-    return {
-        p
-        for p in root.rglob("*")
-        if not (p.name.endswith(".spare.part") and p.is_file() and p.stat().st_size == 0)
-    }
+    return {p for p in root.rglob("*") if not is_unused_spare(p)}
 
 
 def expected_new_paths(node: RunningNode) -> set[Path]:
