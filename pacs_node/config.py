@@ -117,6 +117,9 @@ class ReplicationConfig:
     lease_s: float = 600.0
     retry_base_s: float = 2.0
     retry_max_s: float = 600.0
+    # While instances arrive, replication waits as long as the oldest pending instance is
+    # younger than this (seconds), so it never competes with ingest; 0 = never wait.
+    defer_while_ingesting_s: float = 5.0
 
     @property
     def enabled(self) -> bool:
@@ -310,6 +313,9 @@ def _replication(raw: Mapping[str, Any], data_dir: Path) -> ReplicationConfig:
         lease_s=s.float_("lease_s", d.lease_s, 1, 86400),
         retry_base_s=s.float_("retry_base_s", d.retry_base_s, 0.01, 3600),
         retry_max_s=s.float_("retry_max_s", d.retry_max_s, 0.01, 86400),
+        defer_while_ingesting_s=s.float_(
+            "defer_while_ingesting_s", d.defer_while_ingesting_s, 0, 3600
+        ),
     )
     s.finish()
     if config.target == "s3" and not _BUCKET_RE.match(config.bucket):

@@ -392,3 +392,23 @@ def test_wrong_credentials_alert_and_resume_once_fixed_and_restarted(tmp_path: P
         assert status(data, config)["replication"]["alert"] is False
     finally:
         strict.stop()
+
+
+def test_replication_waits_while_instances_arrive(
+    start_node: Callable[..., RunningNode], tmp_path: Path
+) -> None:
+    """Ingest has the machine while it is busy; replication catches up when it is quiet."""
+    target = tmp_path / "nas"
+    target.mkdir()
+    node = start_node(
+        replication={
+            "target": "directory",
+            "directory": str(target),
+            "defer_while_ingesting_s": 60.0,
+        }
+    )
+    make_folder(tmp_path / "in", 40, syntaxes=[ExplicitVRLittleEndian])
+    store_folder(node.port, tmp_path / "in")
+    db = node.config.index.path
+    assert pending_jobs(db) == 40  # nothing replicated while they were arriving
+    wait_until(lambda: pending_jobs(db) == 0, 30, "replication once ingest is quiet")

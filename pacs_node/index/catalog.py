@@ -379,6 +379,15 @@ class Index:
                 next_attempt_at=utcnow() + timedelta(seconds=retry_in_s),
             ).where((Job.id == job_id) & (Job.lease_owner == owner)).execute()
 
+    def oldest_pending_age_s(self) -> float | None:
+        """Age of the oldest pending job: the recovery point, cheap (indexed) to ask often."""
+        Job = self.models.ReplicationJob
+        with _translate_errors("reading the oldest pending job"):
+            oldest = Job.select(pw.fn.MIN(Job.created_at)).where(Job.state == "pending").scalar()
+        if oldest is None:
+            return None
+        return (utcnow() - _as_datetime(oldest)).total_seconds()  # type: ignore[operator]
+
     def replication_counts(self) -> ReplicationCounts:
         m = self.models
         Job, Inst = m.ReplicationJob, m.Instance

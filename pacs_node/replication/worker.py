@@ -33,6 +33,8 @@ from pacs_node.storage.cache import Cache
 log = logging.getLogger(__name__)
 
 _IDLE_POLL_S = 1.0
+_INGEST_QUIET_S = 0.3  # no instance stored for this long: ingest is idle
+_DEFER_POLL_S = 0.1
 
 
 class CachedCopyCorrupt(PermanentTargetError):
@@ -94,6 +96,7 @@ class Replicator:
         self._threads: list[threading.Thread] = []
         self._owner = f"{os.uname().nodename}:{os.getpid()}"
         self._rng = random.Random()
+        self._last_ingest = 0.0
         self.stats = _Stats()
 
     def start(self) -> None:
@@ -114,7 +117,21 @@ class Replicator:
 
     def wake(self) -> None:
         """New work was queued (called after an instance is stored)."""
+        self._last_ingest = time.monotonic()
         self._wake.set()
+
+    def _should_defer(self) -> bool:
+        """While instances are arriving, leave the machine to ingest (same cores, often the
+        same disk) as long as the recovery point stays within `defer_while_ingesting_s`;
+        past that, replicate at full speed so the lag stays bounded."""
+        budget = self._config.defer_while_ingesting_s
+        if not budget or time.monotonic() - self._last_ingest > _INGEST_QUIET_S:
+            return False
+        try:
+            age = self._index.oldest_pending_age_s()
+        except IndexFailure:
+            return False
+        return age is not None and age < budget
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Let uploads in flight finish (up to the timeout); unfinished jobs stay queued."""
@@ -131,6 +148,9 @@ class Replicator:
     def _run(self, owner: str) -> None:
         try:
             while not self._stopping.is_set():
+                if self._should_defer():
+                    self._stopping.wait(_DEFER_POLL_S)
+                    continue
                 try:
                     jobs = self._index.claim_jobs(owner, 1, self._config.lease_s)
                 except IndexFailure as e:
