@@ -42,6 +42,12 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=600)
     parser.add_argument("--senders", type=int, default=2)
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument(
+        "--defer-s",
+        type=float,
+        default=None,
+        help="replication.defer_while_ingesting_s (default: the node's default)",
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="pacs-bench-repl-"))
@@ -74,6 +80,7 @@ def main() -> None:
             f'data_dir = "{work / "data"}"\n[dicom]\nport = {node_port}\n'
             f'[replication]\ntarget = "s3"\nbucket = "pacs-bench"\nendpoint_url = "{endpoint}"\n'
             f'region = "us-east-1"\naddressing_style = "path"\nworkers = {args.workers}\n'
+            + (f"defer_while_ingesting_s = {args.defer_s}\n" if args.defer_s is not None else "")
         )
         parts = make_set(work / "in", "ct", args.count, args.senders)
         nbytes = sum(f.stat().st_size for p in parts for f in p.iterdir())
@@ -114,7 +121,8 @@ def main() -> None:
         replication_rate = nbytes / replication_s / 1e6
         print(
             f"{len(rows)} CT instances, {nbytes / 1e6:.0f} MB, {args.senders} senders, "
-            f"{args.workers} replication workers, moto on 127.0.0.1"
+            f"{args.workers} replication workers, moto on 127.0.0.1, "
+            f"defer_while_ingesting_s={args.defer_s if args.defer_s is not None else 'default'}"
         )
         print(f"ingest:      {ingest_rate:7.1f} MB/s over {ingest_s:.1f} s")
         print(f"replication: {replication_rate:7.1f} MB/s over {replication_s:.1f} s")
