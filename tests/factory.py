@@ -122,6 +122,11 @@ def write_instance(
     else:
         ds.PixelData = pixel_bytes
         ds["PixelData"].VR = "OW"
+    return _save(path, ds, transfer_syntax)
+
+
+def _save(path: Path, ds: Dataset, transfer_syntax: str) -> Made:
+    """Write `ds` as a Part 10 file in `transfer_syntax` and say what was made."""
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = transfer_syntax
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
@@ -147,12 +152,7 @@ def write_large_instance(path: Path, pixel_bytes: int, *, study_uid: str | None 
     ds = base_dataset(study_uid=study_uid, patient_id="PIDBIG")
     _image(ds, side, side)
     ds.NumberOfFrames = frames
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    made = _save(path, ds, ExplicitVRLittleEndian)  # no pixel data yet: appended below
     length = frames * side * side * 2
     chunk = os.urandom(1 << 20)
     with path.open("ab") as f:
@@ -162,15 +162,7 @@ def write_large_instance(path: Path, pixel_bytes: int, *, study_uid: str | None 
             n = min(remaining, len(chunk))
             f.write(chunk[:n])
             remaining -= n
-    return Made(
-        path=path,
-        sop_uid=ds.SOPInstanceUID,
-        study_uid=ds.StudyInstanceUID,
-        series_uid=ds.SeriesInstanceUID,
-        sop_class_uid=ds.SOPClassUID,
-        transfer_syntax_uid=ExplicitVRLittleEndian,
-        patient_id=ds.PatientID,
-    )
+    return made
 
 
 ALL_SYNTAXES = [
