@@ -141,6 +141,16 @@ class CommitmentConfig:
 
 
 @dataclass(frozen=True)
+class QueryConfig:
+    # C-FIND answers at most this many matches; beyond it the final status is 0xA700 with a
+    # comment asking to refine the query (0 = no cap).
+    max_results: int = 10_000
+    # PN matching ignores case (all of Unicode), as many sites want; the standard's default is
+    # case-sensitive.
+    case_insensitive_names: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: Path
     dicom: DicomConfig
@@ -152,6 +162,7 @@ class Config:
     logging: LoggingConfig
     replication: ReplicationConfig
     commitment: CommitmentConfig = CommitmentConfig()
+    query: QueryConfig = QueryConfig()
     source: str = field(default="<embedded default>", compare=False)
 
     @property
@@ -432,6 +443,16 @@ def build_config(
     )
     s.finish()
     top._read.add("commitment")
+
+    s = _Section(raw.get("query", {}), "query")
+    query = QueryConfig(
+        max_results=s.int_("max_results", QueryConfig.max_results, 0, 10_000_000),
+        case_insensitive_names=bool(
+            s.bool_("case_insensitive_names", QueryConfig.case_insensitive_names)
+        ),
+    )
+    s.finish()
+    top._read.add("query")
     top.finish()
 
     config = Config(
@@ -445,6 +466,7 @@ def build_config(
         logging=logging_config,
         replication=replication,
         commitment=commitment,
+        query=query,
         source=source,
     )
     _check_exposure(config)

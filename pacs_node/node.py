@@ -79,7 +79,7 @@ class Node:
             config.duplicates,
             on_stored=self.replicator.wake if self.replicator else None,
         )
-        self.dicom = DicomServer(config, self.ingest, self.audit, self.index)
+        self.dicom = DicomServer(config, self.ingest, self.audit, self.index, self.cache)
         self._stopped = threading.Event()
 
     def start(self) -> None:

@@ -14,6 +14,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.acse import ACSE
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
@@ -23,10 +24,12 @@ from pacs_node.audit import AuditLog
 from pacs_node.config import Config
 from pacs_node.dimse.access import LOCAL_LIMIT_EXCEEDED, AccessPolicy, Refusal
 from pacs_node.dimse.commitment import CommitmentService
+from pacs_node.dimse.qr import QR_MODELS, QueryRetrieveService
 from pacs_node.dimse.receive import StoreReceiver, TunedSocket, quickack
 from pacs_node.dimse.status import NOT_AUTHORIZED, SUCCESS
 from pacs_node.index import Index
 from pacs_node.ingest import Ingest
+from pacs_node.storage.cache import Cache
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -128,6 +131,7 @@ class _NodeRequestHandler(RequestHandler):
             node.ingest,
             lambda calling_ae: node.policy.allows(calling_ae, "store"),
             node.config.dicom.max_pdu_size,
+            node.query_retrieve,
         )
         dul.socket = tuned
         # The socket already queued its "connection open" event on the stock DUL.
@@ -151,12 +155,15 @@ class _NodeServer(ThreadedAssociationServer):
 class DicomServer:
     """Listens for associations; `start()` returns once the port is bound."""
 
-    def __init__(self, config: Config, ingest: Ingest, audit: AuditLog, index: Index) -> None:
+    def __init__(
+        self, config: Config, ingest: Ingest, audit: AuditLog, index: Index, cache: Cache
+    ) -> None:
         self.config = config
         self.ingest = ingest
         self.audit = audit
         self.policy = AccessPolicy(config)
         self.commitment = CommitmentService(config, index, audit, self.policy)
+        self.query_retrieve = QueryRetrieveService(config, index, cache, audit, self.policy)
         self._ae: AE | None = None
         self._server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
@@ -181,6 +188,10 @@ class DicomServer:
         ae.add_supported_context(Verification)
         # Storage commitment: we are SCP of the N-ACTION (the default roles).
         ae.add_supported_context(StorageCommitmentPushModel)
+        # Query/retrieve: the requests are served by dimse/qr.py (through StoreReceiver),
+        # never by pynetdicom's service classes. Identifiers in either little-endian syntax.
+        for sop_class in QR_MODELS:
+            ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         handlers = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_N_ACTION, self.commitment.on_n_action),
@@ -236,4 +247,5 @@ class DicomServer:
             log.warning("event=drain_timeout aborting_in_flight=%d", in_flight)
         self._ae.shutdown()
         self.commitment.join()  # reports in flight end with their associations
+        self.query_retrieve.stop()
         self._server = None

@@ -20,6 +20,15 @@ CANNOT_UNDERSTAND_CONFLICT = 0xC213  # same UID, different bytes, and the site r
 NOT_AUTHORIZED = 0x0124  # Refused: the calling AE may not use this service
 PROCESSING_FAILURE = 0x0110  # anything unexpected: a bug, logged with its traceback
 
+# Query/Retrieve (PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4)
+PENDING = 0xFF00
+CANCEL = 0xFE00
+DESTINATION_UNKNOWN = 0xA801  # C-MOVE to an AE that is not a known peer with host and port
+IDENTIFIER_DOES_NOT_MATCH = 0xA900  # undecodable identifier, bad level, malformed range
+SUB_OPERATIONS_FAILED = 0xA702  # every sub-operation failed
+SUB_OPERATIONS_WARNING = 0xB000  # some sub-operations failed or had warnings
+UNABLE_TO_PROCESS = 0xC000
+
 # N-ACTION (PS3.7 10.1.4.1.10 and Annex C), used by storage commitment.
 NO_SUCH_SOP_INSTANCE = 0x0112  # not the well-known Storage Commitment instance
 INVALID_ARGUMENT_VALUE = 0x0115  # undecodable Action Information, or a malformed UID in it

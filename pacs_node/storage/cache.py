@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from pacs_node.storage.layout import InstanceLocation
+from pacs_node.storage.reencode import reencoded_chunks
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +282,28 @@ class Cache:
 
     def path_of(self, relative_path: str) -> Path:
         return self.root / relative_path
+
+    def dataset_chunks(
+        self,
+        relative_path: str,
+        dataset_offset: int,
+        stored_syntax: str,
+        target_syntax: str,
+        chunk_size: int = 1 << 20,
+    ) -> Iterator[bytes]:
+        """The dataset of a cached instance in `target_syntax`, in chunks of bounded size: the
+        bytes as stored when the syntaxes are equal, else re-encoded (reencode.py). Raises
+        OSError or ReencodeError at the first `next()` when it cannot be read."""
+        path = self.root / relative_path
+        if target_syntax != stored_syntax:
+            yield from reencoded_chunks(
+                path, dataset_offset, stored_syntax, target_syntax, chunk_size
+            )
+            return
+        with open(path, "rb", buffering=0) as f:
+            f.seek(dataset_offset)
+            while chunk := f.read(chunk_size):
+                yield chunk
 
     def commit(self, incoming: IncomingFile, location: InstanceLocation) -> StoredFile:
         """Make the received file durable under its final name (never replacing a file)."""
