@@ -190,11 +190,14 @@ class MessageWriter:
         header = struct.pack(
             ">BBLLBB", P_DATA_TF, 0, len(data) + PDV_HEADER, len(data) + 2, context_id, control
         )
+        self._emit([header, data])
+
+    def _emit(self, buffers: list[bytes | memoryview]) -> None:
         if self._held is None:
-            self._send([header, data])
+            self._send(buffers)
             return
-        self._held += header
-        self._held += data
+        for buffer in buffers:
+            self._held += buffer
         if len(self._held) >= _HOLD_LIMIT:
             self._send([self._held])
             self._held = bytearray()
@@ -214,6 +217,31 @@ class MessageWriter:
     def command(self, context_id: int, command: bytes) -> None:
         """A whole command set (they are small: one PDV unless the peer's limit is tiny)."""
         self._fragments(context_id, command, is_command=True, last=True)
+
+    def small_message(self, context_id: int, command: bytes, dataset: bytes) -> None:
+        """A command and a small dataset (a C-FIND match) in one PDU of two PDVs when the
+        peer's limit allows, else as usual."""
+        if len(command) + len(dataset) + PDV_HEADER > self.max_fragment:
+            self.command(context_id, command)
+            self.dataset(context_id, [dataset])
+            return
+        pdu = b"".join(
+            (
+                struct.pack(
+                    ">BBLLBB",
+                    P_DATA_TF,
+                    0,
+                    len(command) + len(dataset) + 2 * PDV_HEADER,
+                    len(command) + 2,
+                    context_id,
+                    0x03,
+                ),
+                command,
+                struct.pack(">LBB", len(dataset) + 2, context_id, 0x02),
+                dataset,
+            )
+        )
+        self._emit([pdu])
 
     def dataset(self, context_id: int, chunks: Iterable[bytes | memoryview]) -> int:
         """Stream a dataset: fragments are cut to the peer's limit; the last one is marked.

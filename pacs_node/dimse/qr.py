@@ -349,6 +349,7 @@ class QRSession:
         encoder = AnswerEncoder(
             identifier, level, self._service.config.dicom.ae_title, transfer_syntax
         )
+        pending = self._response(request, PENDING, has_dataset=True)  # the same for each
         sent = 0
         status, comment = SUCCESS, None
         self._writer.hold()  # matches leave in batches of ~64 KB; cancel is checked per match
@@ -358,8 +359,7 @@ class QRSession:
                     status = CANCEL
                     break
                 encoded = encoder.encode(match, [charset, match.get("SpecificCharacterSet", "")])
-                self._respond(request, PENDING, has_dataset=True)
-                self._writer.dataset(request.context_id, [encoded])
+                self._writer.small_message(request.context_id, pending, encoded)
                 sent += 1
             else:
                 if capped:
@@ -621,17 +621,28 @@ class QRSession:
         has_dataset: bool = False,
         counts: tuple[int, int, int, int] | None = None,
     ) -> None:
-        self._writer.command(
-            request.context_id,
-            response(
-                _RESPONSE_FIELD[request.operation],
-                message_id=request.message_id,
-                status=status,
-                sop_class_uid=request.sop_class_uid,
-                has_dataset=has_dataset,
-                comment=comment,
-                counts=counts,
-            ),
+        command = self._response(
+            request, status, comment=comment, has_dataset=has_dataset, counts=counts
+        )
+        self._writer.command(request.context_id, command)
+
+    @staticmethod
+    def _response(
+        request: _Request,
+        status: int,
+        *,
+        comment: str | None = None,
+        has_dataset: bool = False,
+        counts: tuple[int, int, int, int] | None = None,
+    ) -> bytes:
+        return response(
+            _RESPONSE_FIELD[request.operation],
+            message_id=request.message_id,
+            status=status,
+            sop_class_uid=request.sop_class_uid,
+            has_dataset=has_dataset,
+            comment=comment,
+            counts=counts,
         )
 
     def _final(self, request: _Request, status: int, comment: str | None) -> None:
