@@ -61,6 +61,13 @@ class StorageConfig:
     cache_dir: Path
     # Refuse new instances (0xA700) while less than this is free, so the disk never fills.
     min_free_bytes: int = 100 * 1024**2
+    # The cache's size limit: in bytes, and in percent of the cache filesystem's size; the
+    # smaller one applies, 0 = no limit. Above it, instances whose bucket copy is verified are
+    # evicted, least recently used first, down to `evict_to_fraction` of the limit; instances
+    # not yet replicated are never evicted (with only those left, C-STORE answers 0xA700).
+    max_cache_bytes: int = 0
+    max_cache_percent: float = 0.0
+    evict_to_fraction: float = 0.9
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,22 @@ class CommitmentConfig:
 
 
 @dataclass(frozen=True)
+class SnapshotConfig:
+    # Seconds between index snapshots uploaded to the replication target (0 = none on a
+    # schedule); one is also taken at a clean stop when `on_stop` is true.
+    interval_s: float = 3600.0
+    on_stop: bool = True
+    # How many snapshots to keep in the bucket; older ones are deleted after a new one.
+    retain: int = 48
+
+
+@dataclass(frozen=True)
+class RetrieveConfig:
+    # Instances fetched from the bucket at once when a C-MOVE/C-GET needs evicted ones.
+    bucket_fetch_concurrency: int = 8
+
+
+@dataclass(frozen=True)
 class QueryConfig:
     # C-FIND answers at most this many matches; beyond it the final status is 0xA700 with a
     # comment asking to refine the query (0 = no cap).
@@ -163,6 +186,8 @@ class Config:
     replication: ReplicationConfig
     commitment: CommitmentConfig = CommitmentConfig()
     query: QueryConfig = QueryConfig()
+    snapshots: SnapshotConfig = SnapshotConfig()
+    retrieve: RetrieveConfig = RetrieveConfig()
     source: str = field(default="<embedded default>", compare=False)
 
     @property
@@ -396,6 +421,9 @@ def build_config(
     storage = StorageConfig(
         cache_dir=s.path("cache_dir", resolved_data_dir / "cache", resolved_data_dir),
         min_free_bytes=s.int_("min_free_bytes", StorageConfig.min_free_bytes, 0, 2**50),
+        max_cache_bytes=s.int_("max_cache_bytes", StorageConfig.max_cache_bytes, 0, 2**60),
+        max_cache_percent=s.float_("max_cache_percent", StorageConfig.max_cache_percent, 0, 100),
+        evict_to_fraction=s.float_("evict_to_fraction", StorageConfig.evict_to_fraction, 0.1, 1),
     )
     s.finish()
     top._read.add("storage")
@@ -453,6 +481,24 @@ def build_config(
     )
     s.finish()
     top._read.add("query")
+
+    s = _Section(raw.get("snapshots", {}), "snapshots")
+    snapshots = SnapshotConfig(
+        interval_s=s.float_("interval_s", SnapshotConfig.interval_s, 0, 30 * 86400),
+        on_stop=bool(s.bool_("on_stop", SnapshotConfig.on_stop)),
+        retain=s.int_("retain", SnapshotConfig.retain, 1, 100_000),
+    )
+    s.finish()
+    top._read.add("snapshots")
+
+    s = _Section(raw.get("retrieve", {}), "retrieve")
+    retrieve = RetrieveConfig(
+        bucket_fetch_concurrency=s.int_(
+            "bucket_fetch_concurrency", RetrieveConfig.bucket_fetch_concurrency, 1, 64
+        ),
+    )
+    s.finish()
+    top._read.add("retrieve")
     top.finish()
 
     config = Config(
@@ -467,6 +513,8 @@ def build_config(
         replication=replication,
         commitment=commitment,
         query=query,
+        snapshots=snapshots,
+        retrieve=retrieve,
         source=source,
     )
     _check_exposure(config)

@@ -12,7 +12,12 @@ from pacs_node.dimse.server import DicomServer
 from pacs_node.index import Index
 from pacs_node.ingest import Ingest
 from pacs_node.replication.worker import Replicator
-from pacs_node.storage.bucket import TargetError, TargetSettings, build_target
+from pacs_node.storage.bucket import (
+    ReplicationTarget,
+    TargetError,
+    TargetSettings,
+    build_target,
+)
 from pacs_node.storage.cache import Cache
 
 log = logging.getLogger(__name__)
@@ -69,9 +74,10 @@ class Node:
         self.index = Index(config.index.path, busy_timeout_s=config.index.busy_timeout_s)
         self.audit = AuditLog(config.audit.path)
         self.replicator: Replicator | None = None
+        self.target: ReplicationTarget | None = None
         if config.replication.enabled:
-            target = build_target(target_settings(config.replication))
-            self.replicator = Replicator(self.index, self.cache, target, config.replication)
+            self.target = build_target(target_settings(config.replication))
+            self.replicator = Replicator(self.index, self.cache, self.target, config.replication)
         self.ingest = Ingest(
             self.cache,
             self.index,
@@ -79,7 +85,9 @@ class Node:
             config.duplicates,
             on_stored=self.replicator.wake if self.replicator else None,
         )
-        self.dicom = DicomServer(config, self.ingest, self.audit, self.index, self.cache)
+        self.dicom = DicomServer(
+            config, self.ingest, self.audit, self.index, self.cache, self.target
+        )
         self._stopped = threading.Event()
 
     def start(self) -> None:

@@ -80,6 +80,7 @@ from pacs_node.dimse.status import (
 )
 from pacs_node.index import Index, IndexFailure, QueryError, RetrieveItem
 from pacs_node.index.query import FindRequest
+from pacs_node.storage.bucket import ReplicationTarget
 from pacs_node.storage.cache import Cache
 
 log = logging.getLogger(__name__)
@@ -152,9 +153,16 @@ class QueryRetrieveService:
     """Shared by every association: configuration, index, cache, audit, access policy."""
 
     def __init__(
-        self, config: Config, index: Index, cache: Cache, audit: AuditLog, policy: AccessPolicy
+        self,
+        config: Config,
+        index: Index,
+        cache: Cache,
+        audit: AuditLog,
+        policy: AccessPolicy,
+        target: ReplicationTarget | None = None,
     ) -> None:
         self.config = config
+        self.target = target  # where evicted instances are read back from (None: nowhere)
         self.index = index
         self.cache = cache
         self.audit = audit

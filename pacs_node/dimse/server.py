@@ -29,6 +29,7 @@ from pacs_node.dimse.receive import StoreReceiver, TunedSocket, quickack
 from pacs_node.dimse.status import NOT_AUTHORIZED, SUCCESS
 from pacs_node.index import Index
 from pacs_node.ingest import Ingest
+from pacs_node.storage.bucket import ReplicationTarget
 from pacs_node.storage.cache import Cache
 
 if TYPE_CHECKING:
@@ -156,14 +157,20 @@ class DicomServer:
     """Listens for associations; `start()` returns once the port is bound."""
 
     def __init__(
-        self, config: Config, ingest: Ingest, audit: AuditLog, index: Index, cache: Cache
+        self,
+        config: Config,
+        ingest: Ingest,
+        audit: AuditLog,
+        index: Index,
+        cache: Cache,
+        target: ReplicationTarget | None = None,
     ) -> None:
         self.config = config
         self.ingest = ingest
         self.audit = audit
         self.policy = AccessPolicy(config)
         self.commitment = CommitmentService(config, index, audit, self.policy)
-        self.query_retrieve = QueryRetrieveService(config, index, cache, audit, self.policy)
+        self.query_retrieve = QueryRetrieveService(config, index, cache, audit, self.policy, target)
         self._ae: AE | None = None
         self._server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
