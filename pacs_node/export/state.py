@@ -1,0 +1,236 @@
+"""An export's durable state on the node: its identity, its journal, its identifier mapping.
+
+`<data_dir>/exports/<export id>/`
+  export.json          what the export is (selection, destination, profile and key
+                       fingerprints), so a resume with other parameters is refused
+  journal.jsonl        one line per finished instance, appended and fsynced AFTER its object
+                       is stored: a crash loses at most the instance in flight, which the
+                       resume writes again under the same deterministic key (no duplicate)
+  mapping.jsonl.enc    original -> pseudonymous identifiers, one AES-256-GCM record per line
+                       (profile `[mapping] keep = "encrypted"`), never part of the export
+  work/                scratch files (the de-identified copy before upload), emptied at start
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+
+class StateError(RuntimeError):
+    """The export's state does not fit the request (another selection, profile or key)."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class _AppendOnly:
+    """Lines appended with one write() each on an O_APPEND descriptor, fsynced per call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def _open(self) -> int:
+        if self._fd is None:
+            new = not self.path.exists()
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            if new:
+                _fsync_dir(self.path.parent)
+        return self._fd
+
+    def append_lines(self, lines: list[str]) -> None:
+        if not lines:
+            return
+        fd = self._open()
+        os.write(fd, "".join(line + "\n" for line in lines).encode())
+        os.fsync(fd)
+
+    def read_lines(self) -> list[str]:
+        """Complete lines only: a crash mid-write leaves a torn last line, ignored."""
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1] if b"\n" in data else b""
+        return [line for line in complete.decode().splitlines() if line]
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class Journal(_AppendOnly):
+    """Which instances are done (exported or skipped for good), keyed by "<sop>#<version>"."""
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        done: dict[str, dict[str, Any]] = {}
+        for line in self.read_lines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn line cannot be complete; the instance is redone
+            done[record["src"]] = record
+        return done
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.append_lines([json.dumps(record, separators=(",", ":"), sort_keys=True)])
+
+
+def mapping_key(pseudonym_key: bytes, export_id: str) -> bytes:
+    """The mapping's AES key: derived from the project key (never stored), per export."""
+    return HKDF(
+        algorithm=hashes.SHA256(),
+        length=32,
+        salt=b"pacs-node export mapping v1",
+        info=export_id.encode(),
+    ).derive(pseudonym_key)
+
+
+class MappingStore(_AppendOnly):
+    """Original -> pseudonymous identifiers, encrypted line by line (or not kept at all)."""
+
+    def __init__(self, path: Path, key: bytes | None, export_id: str) -> None:
+        super().__init__(path)
+        self._aead = AESGCM(key) if key is not None else None
+        self._aad = export_id.encode()
+        self._written: set[tuple[str, str]] = set()
+
+    @property
+    def enabled(self) -> bool:
+        return self._aead is not None
+
+    def add(self, entries: list[tuple[str, str, str]]) -> None:
+        """(kind, original, pseudonymous) triples; each written once per run."""
+        if self._aead is None:
+            return
+        lines = []
+        for kind, original, new in entries:
+            if (kind, original) in self._written:
+                continue
+            self._written.add((kind, original))
+            plain = json.dumps({"kind": kind, "original": original, "pseudonymous": new})
+            nonce = os.urandom(12)
+            sealed = self._aead.encrypt(nonce, plain.encode(), self._aad)
+            lines.append(base64.b64encode(nonce + sealed).decode())
+        self.append_lines(lines)
+
+
+def read_mapping(path: Path, pseudonym_key: bytes, export_id: str) -> list[dict[str, str]]:
+    """Decrypt an export's mapping (for the data-protection officer: re-identification)."""
+    aead = AESGCM(mapping_key(pseudonym_key, export_id))
+    entries: dict[tuple[str, str], dict[str, str]] = {}
+    for line in _AppendOnly(path).read_lines():
+        raw = base64.b64decode(line)
+        entry = json.loads(aead.decrypt(raw[:12], raw[12:], export_id.encode()))
+        entries[(entry["kind"], entry["original"])] = entry
+    return list(entries.values())
+
+
+@dataclass
+class ExportState:
+    directory: Path
+    info: dict[str, Any]
+    journal: Journal
+    mapping: MappingStore
+    work: Path
+    resumed: bool
+    lock_fd: int
+
+    def close(self) -> None:
+        self.journal.close()
+        self.mapping.close()
+        os.close(self.lock_fd)  # releases the lock (a killed process releases it too)
+
+    def set_status(self, status: str, **fields: Any) -> None:
+        self.info.update(status=status, updated_at=_now(), **fields)
+        write_json_atomic(self.directory / "export.json", self.info)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def open_state(
+    data_dir: Path,
+    export_id: str,
+    identity: dict[str, str],
+    mapping_aes_key: bytes | None,
+) -> ExportState:
+    """Create the export's state, or reopen it for a resume when `identity` (selection,
+    destination, profile and key fingerprints) matches what it was started with."""
+    directory = data_dir / "exports" / export_id
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    lock_fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        os.close(lock_fd)
+        raise StateError(f"export {export_id} is running in another process") from e
+    try:
+        return _open_locked(directory, export_id, identity, mapping_aes_key, lock_fd)
+    except BaseException:
+        os.close(lock_fd)
+        raise
+
+
+def _open_locked(
+    directory: Path,
+    export_id: str,
+    identity: dict[str, str],
+    mapping_aes_key: bytes | None,
+    lock_fd: int,
+) -> ExportState:
+    info_path = directory / "export.json"
+    resumed = info_path.exists()
+    if resumed:
+        info = json.loads(info_path.read_text())
+        differs = [k for k, v in identity.items() if info.get("identity", {}).get(k) != v]
+        if differs:
+            raise StateError(
+                f"export {export_id} was started with another {', '.join(differs)}; "
+                "resume it with the same options, or choose another --export-id"
+            )
+    else:
+        info = {"export_id": export_id, "identity": identity, "created_at": _now()}
+    work = directory / "work"
+    shutil.rmtree(work, ignore_errors=True)  # scratch of an interrupted run
+    work.mkdir()
+    state = ExportState(
+        directory=directory,
+        info=info,
+        journal=Journal(directory / "journal.jsonl"),
+        mapping=MappingStore(directory / "mapping.jsonl.enc", mapping_aes_key, export_id),
+        work=work,
+        resumed=resumed,
+        lock_fd=lock_fd,
+    )
+    state.set_status("running")
+    return state
