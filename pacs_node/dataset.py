@@ -55,6 +55,10 @@ class DatasetUnreadable(ValueError):
     """The dataset is truncated or malformed: its elements do not add up to its bytes."""
 
 
+class PrefixTooShort(DatasetUnreadable):
+    """The bytes given end before every indexed attribute was seen: read more of the object."""
+
+
 @dataclass(frozen=True)
 class _Encoding:
     implicit_vr: bool
@@ -93,6 +97,68 @@ def read_attributes(path: str, dataset_offset: int, transfer_syntax_uid: str) ->
             end = raw.seek(0, io.SEEK_END)
             raw.seek(start)
         wanted = _walk(fp, encoding, start, end)
+    return _attributes(wanted)
+
+
+# A deflated prefix is inflated at most this far (the attributes sit in the first kilobytes;
+# the bound keeps a hostile object from inflating without limit).
+_MAX_INFLATED_PREFIX = 16 * 1024**2
+
+
+def read_attributes_from_prefix(
+    data: bytes, dataset_offset: int, transfer_syntax_uid: str, *, complete: bool = False
+) -> InstanceAttributes:
+    """The indexed attributes from the first bytes of a stored Part-10 object (restore reads
+    them from one ranged GET). `complete`: `data` is the whole object.
+
+    Only the elements up to group 0020 are walked: the prefix may end anywhere after them
+    (in the middle of the pixel data, typically). A deflated dataset is inflated as a stream,
+    so a prefix of it is enough too. Raises PrefixTooShort when the bytes end before the walk
+    got past group 0020 (or inside an element it needed), DatasetUnreadable when malformed.
+    """
+    encoding = _encoding_of(transfer_syntax_uid)
+    body: bytes = bytes(memoryview(data)[dataset_offset:])
+    if encoding.deflated:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            inflated = inflater.decompress(body, _MAX_INFLATED_PREFIX)
+        except zlib.error as e:
+            if complete:
+                raise DatasetUnreadable(f"deflated dataset does not inflate: {e}") from e
+            raise PrefixTooShort(f"deflated prefix does not inflate: {e}") from e
+        # Not at the end of the stream: what was inflated is a prefix of the dataset.
+        complete = complete and inflater.eof
+        body = inflated
+    fp = io.BytesIO(body)
+    wanted: dict[int, RawDataElement] = {}
+    past_needed = False
+    try:
+        with _strict_reading():
+            for element in data_element_generator(
+                fp, encoding.implicit_vr, encoding.little_endian, defer_size=_DEFER_SIZE
+            ):
+                if element.tag > _LAST_TAG_NEEDED:
+                    past_needed = True  # its value is never read: it may lie beyond the data
+                    break
+                if isinstance(element, RawDataElement):
+                    if element.length != 0xFFFFFFFF and (
+                        element.value_tell + element.length > len(body)
+                    ):
+                        raise PrefixTooShort("the bytes end inside an element before group 0021")
+                    if element.tag in _WANTED:
+                        wanted[element.tag] = element
+    except PrefixTooShort:
+        if complete:
+            raise DatasetUnreadable("the dataset is truncated before group 0021") from None
+        raise
+    except Exception as e:  # pydicom raises many kinds on malformed (or cut) input
+        if complete:
+            raise DatasetUnreadable(f"malformed dataset: {type(e).__name__}: {e}") from e
+        raise PrefixTooShort(f"cannot walk the prefix: {type(e).__name__}: {e}") from e
+    if not past_needed and not complete:
+        raise PrefixTooShort("the bytes end before group 0021")
+    if not wanted:
+        raise DatasetUnreadable("no indexed attribute in the dataset")
     return _attributes(wanted)
 
 

@@ -301,6 +301,9 @@ class Ingest:
                 # Not indexed, so not acknowledged: take the file back so nothing is orphaned.
                 self._cache.remove(stored.relative_path)
                 raise
+            # Counted once indexed (the counter follows the index); past the cache's limit
+            # this wakes the evictor.
+            self._cache.budget.add(stored.size)
         outcome = Outcome.STORED if version == 1 else Outcome.NEW_VERSION
         self._log_stored(reception, outcome, version, sha256, new)
         if self._on_stored is not None:

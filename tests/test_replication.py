@@ -98,7 +98,10 @@ def assert_bucket_matches_index(client: Any, bucket: str, db: Path, cache_dir: P
     rows = instance_rows(db)
     listed = {
         o["Key"]: o["Size"]
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        # Instances only: index snapshots live beside them under <prefix>/index/.
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=f"{PREFIX}/instances/"
+        )
         for o in page.get("Contents", [])
     }
     expected = {f"{PREFIX}/instances/{r['cache_path']}": r for r in rows.values()}

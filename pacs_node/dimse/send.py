@@ -60,6 +60,11 @@ class SubOperationFailed(Exception):
     """One instance could not be sent; the others go on. The message says why."""
 
 
+class NotCached(SubOperationFailed):
+    """The instance has no file in the cache (evicted, or removed since it was looked up):
+    it can be read through from the bucket and sent again."""
+
+
 class AssociationFailed(ConnectionError):
     """The destination could not be reached, refused the association, or broke it."""
 
@@ -113,14 +118,19 @@ def send_instance(
 ) -> None:
     """Write one C-STORE-RQ and its dataset. A file that cannot be read raises
     SubOperationFailed before anything is sent; once the request is out, any failure breaks the
-    association (a half-sent dataset cannot be taken back), which the caller sees as OSError."""
+    association (a half-sent dataset cannot be taken back), which the caller sees as OSError.
+    NotCached: there is no cached file to send (evicted)."""
     if item.cache_path is None:
-        raise SubOperationFailed("not in the local cache")
+        raise NotCached("not in the local cache")
     chunks = cache.dataset_chunks(
         item.cache_path, item.dataset_offset, item.transfer_syntax_uid, target_ts
     )
     try:
-        first = next(chunks)  # opens the file: a missing or unreadable one fails cleanly here
+        # Opens the file: a missing or unreadable one fails cleanly here. Once open, it is
+        # read to the end even if it is evicted meanwhile (an open file survives unlink).
+        first = next(chunks)
+    except FileNotFoundError as e:
+        raise NotCached(f"its cached file is gone: {e}") from e
     except (OSError, ReencodeError) as e:
         raise SubOperationFailed(f"cannot read it from the cache: {e}") from e
     except StopIteration:

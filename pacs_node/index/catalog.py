@@ -17,6 +17,7 @@ from pacs_node.index import query as _query
 from pacs_node.index.query import FindRequest
 from pacs_node.index.records import (
     ClaimedJob,
+    EvictionCandidate,
     InstanceAttributes,
     InstanceVersion,
     NewInstance,
@@ -108,6 +109,7 @@ class _HotSql:
         "calling_ae",
         "peer_address",
         "needs_review",
+        "last_access_at",
     )
 
     def __init__(self, m: Models) -> None:
@@ -244,6 +246,7 @@ class Index:
                 new.calling_ae,
                 new.peer_address,
                 new.version > 1,
+                received_at,  # received is the first access
             ),
         )
         self._db.execute_sql(self._sql.insert_job, (cursor.lastrowid, received_at))
@@ -526,6 +529,74 @@ class Index:
                     m.Instance.file_size,
                     m.Instance.dataset_offset,
                 ).tuples()
+            )
+
+    # -- the bounded cache ----------------------------------------------------------------------
+
+    def cached_bytes(self) -> int:
+        """Bytes of the instance files the index says are in the cache (at start: the cache's
+        byte counter begins here, and is kept up to date in memory afterwards)."""
+        Inst = self.models.Instance
+        with _translate_errors("summing cached bytes"):
+            total = (
+                Inst.select(pw.fn.COALESCE(pw.fn.SUM(Inst.file_size), 0))
+                .where(Inst.cache_path.is_null(False))
+                .scalar()
+            )
+        return int(total or 0)
+
+    def eviction_candidates(self, limit: int) -> list[EvictionCandidate]:
+        """Up to `limit` cached instances whose bucket copy is verified, least recently used
+        first. The WHERE terms repeat the partial index's (schema migration 4), so SQLite
+        walks that index in order and stops at `limit`."""
+        with _translate_errors("choosing instances to evict"):
+            cursor = self._db.execute_sql(
+                "SELECT id, sop_uid, version, cache_path, file_size, last_access_at "
+                "FROM instance WHERE cache_path IS NOT NULL AND replicated_at IS NOT NULL "
+                "ORDER BY last_access_at, id LIMIT ?",
+                (limit,),
+            )
+            return [EvictionCandidate(*row) for row in cursor.fetchall()]
+
+    def mark_evicted(self, candidates: Sequence[EvictionCandidate]) -> list[EvictionCandidate]:
+        """Set cache_path = NULL for the candidates, in ONE committed transaction, before their
+        files are removed (a crash between leaves an orphan file, never a row pointing at a
+        missing file). A row that was retrieved (last access moved), re-pointed or is no
+        longer replicated since it was chosen is left alone. Returns those evicted."""
+        if not candidates:
+            return []
+        evicted: list[EvictionCandidate] = []
+        with _translate_errors("recording evictions"), self._db.atomic("IMMEDIATE"):
+            for c in candidates:
+                cursor = self._db.execute_sql(
+                    "UPDATE instance SET cache_path = NULL WHERE id = ? AND cache_path = ? "
+                    "AND replicated_at IS NOT NULL AND last_access_at IS ?",
+                    (c.instance_id, c.cache_path, c.last_access_at),
+                )
+                if cursor.rowcount == 1:
+                    evicted.append(c)
+        return evicted
+
+    def mark_cached(self, sop_uid: str, version: int, cache_path: str) -> bool:
+        """An evicted instance is back in the cache (read through from the bucket): point its
+        row at the file and count it as accessed now. False if the row is not evicted (or gone)."""
+        with _translate_errors(f"recording {sop_uid} as cached"), self._db.atomic("IMMEDIATE"):
+            cursor = self._db.execute_sql(
+                "UPDATE instance SET cache_path = ?, last_access_at = ? "
+                "WHERE sop_uid = ? AND version = ? AND cache_path IS NULL",
+                (cache_path, utcnow().isoformat(sep=" "), sop_uid, version),
+            )
+            return cursor.rowcount == 1
+
+    def touch(self, versions: Sequence[tuple[str, int]]) -> None:
+        """(sop_uid, version) pairs were just retrieved: the most recently used, so evicted last."""
+        if not versions:
+            return
+        now = utcnow().isoformat(sep=" ")
+        with _translate_errors("recording retrieval"), self._db.atomic("IMMEDIATE"):
+            self._db.connection().executemany(
+                "UPDATE instance SET last_access_at = ? WHERE sop_uid = ? AND version = ?",
+                [(now, sop_uid, version) for sop_uid, version in versions],
             )
 
     # -- C-FIND, C-MOVE/C-GET, bulk fill ------------------------------------------------------

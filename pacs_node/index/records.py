@@ -119,3 +119,15 @@ class RetrieveItem:
     sha256: str
     study_uid: str  # of the served version's row (they derive its bucket key)
     series_uid: str
+
+
+@dataclass(frozen=True)
+class EvictionCandidate:
+    """A cached instance whose bucket copy is verified, in least-recently-used order."""
+
+    instance_id: int
+    sop_uid: str
+    version: int
+    cache_path: str
+    file_size: int
+    last_access_at: str | None  # as stored: eviction skips the row if it changed meanwhile

@@ -13,7 +13,7 @@ import peewee as pw
 from playhouse.migrate import SqliteMigrator
 from playhouse.migrate import migrate as migrate_columns
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,9 @@ def build_models(database: pw.Database) -> Models:
         replicated_at = pw.DateTimeField(null=True)
         # Set on versions > 1 until an operator has reviewed the conflict.
         needs_review = pw.BooleanField(default=False, index=True)
+        # When it was last received or retrieved: the cache evicts least recently used first
+        # (since schema 4; NULL on rows written by older code, which then go first).
+        last_access_at = pw.DateTimeField(null=True)
 
         class Meta:
             indexes = ((("sop_uid", "version"), True),)
@@ -123,6 +126,7 @@ def _create_v1(database: pw.Database, models: Models) -> None:
     # Version 1 as released: the current models minus what later migrations add.
     database.create_tables(models.all())
     database.execute_sql("ALTER TABLE replication_job DROP COLUMN last_attempt_at")
+    database.execute_sql("ALTER TABLE instance DROP COLUMN last_access_at")
 
 
 def _v2_job_attempt_time(database: pw.Database, models: Models) -> None:
@@ -146,11 +150,32 @@ def _v3_query_indexes(database: pw.Database, models: Models) -> None:
     )
 
 
-# Migration N builds schema version N from N-1. Append, never edit a released one.
+EVICTABLE_INDEX = "instance_evictable"
+
+
+def _v4_last_access(database: pw.Database, models: Models) -> None:
+    # The cache evicts least recently used first, and only instances whose bucket copy is
+    # verified: a partial index holds exactly those rows in that order, so choosing what to
+    # evict reads a few index entries, never the table (SQLite uses a partial index when the
+    # query repeats its WHERE terms: see Index.eviction_candidates).
+    migrator = SqliteMigrator(database)
+    migrate_columns(
+        migrator.add_column("instance", "last_access_at", models.Instance.last_access_at)
+    )
+    database.execute_sql("UPDATE instance SET last_access_at = received_at")
+    database.execute_sql(
+        f"CREATE INDEX {EVICTABLE_INDEX} ON instance (last_access_at, id) "
+        "WHERE cache_path IS NOT NULL AND replicated_at IS NOT NULL"
+    )
+
+
+# Migration N builds schema version N from N-1. Append, never edit a released one (version 1
+# is built from the current models, so it drops the columns later migrations add).
 MIGRATIONS: dict[int, Callable[[pw.Database, Models], None]] = {
     1: _create_v1,
     2: _v2_job_attempt_time,
     3: _v3_query_indexes,
+    4: _v4_last_access,
 }
 
 

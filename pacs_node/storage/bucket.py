@@ -176,6 +176,31 @@ class RemoteObject:
     meta: ObjectMeta | None  # None when absent or unparseable (and always in listings)
 
 
+@dataclass(frozen=True)
+class ObjectPrefix:
+    """The first bytes of an object with what its GET response said about the whole object
+    (one ranged GET: no HEAD needed for size and metadata)."""
+
+    key: str
+    size: int  # of the whole object
+    etag: str | None
+    metadata: dict[str, str]  # the raw user metadata (x-amz-meta-*), keys lowercased
+    data: bytes  # the first min(length asked, size) bytes
+
+    @property
+    def complete(self) -> bool:
+        return len(self.data) >= self.size
+
+
+@dataclass(frozen=True)
+class ObjectDigest:
+    """One streaming pass over a stored object."""
+
+    size: int
+    dataset_sha256: str  # of the bytes from the dataset offset on (the instance's identity)
+    md5: str  # of the whole object
+
+
 class TargetError(Exception):
     """A replication target could not do what was asked."""
 
@@ -246,6 +271,14 @@ class ReplicationTarget(Protocol):
     def list_objects(self, prefix: str = "") -> Iterator[RemoteObject]: ...
 
     def delete(self, key: str) -> None: ...
+
+    # Plain objects (index snapshots and their manifests) and reads for restore.
+
+    def put_file(self, key: str, path: Path) -> RemoteObject: ...
+
+    def read_prefix(self, key: str, length: int) -> ObjectPrefix | None: ...
+
+    def digest(self, key: str, dataset_offset: int) -> ObjectDigest | None: ...
 
 
 def instance_key(prefix: str, relative_path: str) -> str:
@@ -670,6 +703,113 @@ class S3Target:
         with _translated("delete", key):
             self._client.delete_object(Bucket=self.settings.bucket, Key=key)
 
+    def put_file(self, key: str, path: Path) -> RemoteObject:
+        """Upload a plain object (an index snapshot, a manifest) from `path`, never replacing
+        another one: the same bytes already there are an idempotent success, other bytes raise
+        ObjectConflict. Verified against what the server computed, as instances are."""
+        digest = _digest_file(path, self._part_size(_file_size(path)))
+        put = _Put(key, path, None, digest)
+        if not self._conditional:
+            return self._put_plain_head_first(put)
+        try:
+            self._upload(put, if_none_match=True)
+        except _ConditionalUnsupported:
+            with self._lock:
+                self._conditional = False
+            return self._put_plain_head_first(put)
+        except _PreconditionFailed:
+            return self._existing_plain(put)
+        return self._verify(put)
+
+    def read_prefix(self, key: str, length: int) -> ObjectPrefix | None:
+        """The first `length` bytes of the object with its size and metadata, from ONE ranged
+        GET (restore reads the C-FIND attributes from there); None when there is no object."""
+        try:
+            with _translated("read", key):
+                response = self._client.get_object(
+                    Bucket=self.settings.bucket,
+                    Key=key,
+                    Range=f"bytes=0-{max(0, length - 1)}",
+                    **self._sse_c_args,
+                )
+                body = response["Body"]
+                try:
+                    data = body.read()
+                finally:
+                    body.close()
+        except TargetError as e:
+            cause = e.__cause__
+            if isinstance(cause, botocore.exceptions.ClientError):
+                code, status = _error_code(cause)
+                if status == 404 or code in ("NoSuchKey", "NotFound"):
+                    return None
+                if status == 416 or code == "InvalidRange":
+                    # S3 answers a range on an empty object with 416: it has no bytes at all.
+                    head = self.head(key)
+                    if head is None:
+                        return None
+                    return ObjectPrefix(key, head.size, head.etag, self._raw_meta(key), b"")
+            raise
+        size = _total_size(response.get("ContentRange"), int(response["ContentLength"]))
+        if len(data) != min(length, size):
+            raise TransientTargetError(
+                f"read key={key}: got {len(data)} bytes, expected {min(length, size)}"
+            )
+        return ObjectPrefix(
+            key=key,
+            size=size,
+            etag=_strip_etag(response.get("ETag")),
+            metadata={k.lower(): v for k, v in (response.get("Metadata") or {}).items()},
+            data=data,
+        )
+
+    def digest(self, key: str, dataset_offset: int) -> ObjectDigest | None:
+        """Hash the stored object in one streaming GET (bounded memory); None when absent."""
+        sha = hashlib.sha256()
+        seen = 0
+
+        def sink(chunk: bytes) -> None:
+            nonlocal seen
+            if seen + len(chunk) > dataset_offset:
+                sha.update(chunk[max(0, dataset_offset - seen) :])
+            seen += len(chunk)
+
+        try:
+            with _translated("read", key):
+                md5, size, _response = self._stream_object(key, sink)
+        except TargetError as e:
+            cause = e.__cause__
+            if isinstance(cause, botocore.exceptions.ClientError):
+                code, status = _error_code(cause)
+                if status == 404 or code in ("NoSuchKey", "NotFound"):
+                    return None
+            raise
+        return ObjectDigest(size=size, dataset_sha256=sha.hexdigest(), md5=md5)
+
+    def _raw_meta(self, key: str) -> dict[str, str]:
+        with _translated("head", key):
+            response = self._client.head_object(
+                Bucket=self.settings.bucket, Key=key, **self._sse_c_args
+            )
+        return {k.lower(): v for k, v in (response.get("Metadata") or {}).items()}
+
+    def _put_plain_head_first(self, put: _Put) -> RemoteObject:
+        if self.head(put.key) is not None:
+            return self._existing_plain(put)
+        self._upload(put)
+        return self._verify(put)
+
+    def _existing_plain(self, put: _Put) -> RemoteObject:
+        existing = self.head(put.key)
+        if existing is None:
+            raise TransientTargetError(f"put key={put.key}: the object vanished; retry")
+        if self._content_matches(existing, put.digest):
+            log.info("bucket_put_idempotent key=%s size=%d", put.key, existing.size)
+            return existing
+        raise ObjectConflict(
+            f"put key={put.key}: another object with other bytes lives there; it is never replaced"
+        )
+
     # -- put internals ------------------------------------------------------------------------
 
     def _part_size(self, size: int) -> int | None:
@@ -696,10 +836,11 @@ class S3Target:
         args: dict[str, Any] = {
             "Bucket": self.settings.bucket,
             "Key": put.key,
-            "Metadata": put.meta.to_metadata(),
             **self._sse_args,
             **put.lock_args,
         }
+        if put.meta is not None:
+            args["Metadata"] = put.meta.to_metadata()
         if self.settings.storage_class:
             args["StorageClass"] = self.settings.storage_class
         return args
@@ -816,6 +957,7 @@ class S3Target:
 
     def _resolve_existing(self, put: _Put) -> RemoteObject:
         """Something already lives at the key: ours and intact, ours and corrupted, or not ours."""
+        assert put.meta is not None
         existing = self.head(put.key)
         if existing is None:
             raise TransientTargetError(f"put key={put.key}: the object vanished; retry")
@@ -931,13 +1073,22 @@ class S3Target:
 class _Put:
     key: str
     path: Path
-    meta: ObjectMeta
+    meta: ObjectMeta | None  # None: a plain object (an index snapshot), no instance metadata
     digest: _Digest
     lock_args: dict[str, Any] = field(default_factory=dict)
 
 
 def _strip_etag(etag: str | None) -> str | None:
     return etag.strip('"') if etag else None
+
+
+def _total_size(content_range: str | None, content_length: int) -> int:
+    """The whole object's size from `bytes 0-99/12345` (a 200 answer has no Content-Range)."""
+    if content_range and "/" in content_range:
+        total = content_range.rsplit("/", 1)[1].strip()
+        if total.isdigit():
+            return int(total)
+    return content_length
 
 
 def _file_size(path: Path) -> int:
@@ -1214,6 +1365,78 @@ class DirectoryTarget:
             _sidecar_path(final).unlink(missing_ok=True)
             if final.parent.exists():
                 _fsync_dir(final.parent)
+
+    def put_file(self, key: str, path: Path) -> RemoteObject:
+        """A plain object (no sidecar): copied durably, linked into place (never replacing a
+        file with other bytes), read back."""
+        final = self._path(key)
+        digest = _digest_file(path, None)
+        with self._lock_for(key), _os_translated("put", key):
+            if not self.root.is_dir():
+                raise PermanentTargetError(f"put key={key}: {self.root} is not a directory")
+            if final.exists():
+                if self._file_sha256(final) == digest.sha256:
+                    return RemoteObject(key=key, size=digest.size, etag=None, meta=None)
+                raise ObjectConflict(
+                    f"put key={key}: another file with other bytes lives there; "
+                    "it is never replaced"
+                )
+            for directory in self._make_parents(final.parent):
+                _fsync_dir(directory.parent)
+            tmp = self._tmp_file()
+            try:
+                _copy_durably(path, tmp)
+                try:
+                    os.link(tmp, final)
+                except FileExistsError as e:
+                    raise TransientTargetError(f"put key={key}: the key was taken; retry") from e
+                _fsync_dir(final.parent)
+            finally:
+                tmp.unlink(missing_ok=True)
+            if self._file_sha256(final) != digest.sha256:
+                raise TransientTargetError(f"verify key={key}: corrupted write (SHA-256 differs)")
+        return RemoteObject(key=key, size=digest.size, etag=None, meta=None)
+
+    def read_prefix(self, key: str, length: int) -> ObjectPrefix | None:
+        final = self._path(key)
+        with _os_translated("read", key):
+            try:
+                with final.open("rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    data = f.read(length)
+            except FileNotFoundError:
+                return None
+            metadata = self._raw_sidecar_metadata(final)
+        return ObjectPrefix(key=key, size=size, etag=None, metadata=metadata, data=data)
+
+    def digest(self, key: str, dataset_offset: int) -> ObjectDigest | None:
+        final = self._path(key)
+        sha = hashlib.sha256()
+        md5 = hashlib.md5(usedforsecurity=False)
+        size = 0
+        with _os_translated("read", key):
+            try:
+                f = final.open("rb")
+            except FileNotFoundError:
+                return None
+            with f:
+                while chunk := f.read(_READ_CHUNK):
+                    md5.update(chunk)
+                    if size + len(chunk) > dataset_offset:
+                        sha.update(chunk[max(0, dataset_offset - size) :])
+                    size += len(chunk)
+        return ObjectDigest(size=size, dataset_sha256=sha.hexdigest(), md5=md5.hexdigest())
+
+    def _raw_sidecar_metadata(self, final: Path) -> dict[str, str]:
+        try:
+            with _sidecar_path(final).open(encoding="ascii") as f:
+                document = json.load(f)
+        except (FileNotFoundError, ValueError, UnicodeDecodeError):
+            return {}
+        metadata = document.get("metadata") if isinstance(document, dict) else None
+        if not isinstance(metadata, dict):
+            return {}
+        return {str(k).lower(): str(v) for k, v in metadata.items()}
 
     # -- internals ----------------------------------------------------------------------------
 

@@ -16,10 +16,10 @@ import itertools
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 from pacs_node.storage.layout import InstanceLocation
 from pacs_node.storage.reencode import reencoded_chunks
@@ -77,6 +77,18 @@ def digest_file(path: Path, dataset_offset: int) -> FileDigest:
                 sha.update(chunk[max(0, dataset_offset - size) :])
             size += len(chunk)
     return FileDigest(size=size, dataset_sha256=sha.hexdigest(), md5=md5.hexdigest())
+
+
+def dataset_sha256(path: Path, dataset_offset: int) -> tuple[int, str]:
+    """(file size, SHA-256 of the bytes from dataset_offset on): `digest_file` without the MD5,
+    for a read-through's check (a third less hashing per instance)."""
+    sha = hashlib.sha256()
+    with path.open("rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        f.seek(dataset_offset)
+        while chunk := f.read(_READ_CHUNK):
+            sha.update(chunk)
+    return size, sha.hexdigest()
 
 
 def fsync_dir(path: Path) -> None:
@@ -225,6 +237,82 @@ class StoredFile:
     size: int
 
 
+class RoomMaker(Protocol):
+    """What keeps the cache under its limit (storage/eviction.py's Evictor)."""
+
+    def make_room(self) -> bool:
+        """Evict what may be evicted (waiting briefly for replication to verify more);
+        True when the cache is below its limit afterwards."""
+        ...
+
+    def wake(self) -> None:
+        """The cache grew past its limit: evict in the background."""
+        ...
+
+
+class CacheBudget:
+    """The bytes of instance files the index says are cached, against the cache's size limit.
+
+    Counted in memory: initialised from the index at start (`reset`), then moved by each index
+    change that caches or evicts an instance (ingest, read-through, eviction), so checking the
+    limit never walks a directory. The limit is soft by at most the instances being received
+    at once: their size is unknown until their last fragment.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._used = 0
+        self._limit = 0  # 0: no limit
+        self._keeper: RoomMaker | None = None
+        self._replication_on = False  # only verified bucket copies may be evicted
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    def reset(
+        self, used: int, limit: int, keeper: RoomMaker | None, *, replication_on: bool
+    ) -> None:
+        with self._lock:
+            self._used = used
+            self._limit = limit
+            self._keeper = keeper
+            self._replication_on = replication_on
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self._used += nbytes
+            over = bool(self._limit) and self._used > self._limit
+        if over and self._keeper is not None:
+            self._keeper.wake()
+
+    def remove(self, nbytes: int) -> None:
+        with self._lock:
+            self._used = max(0, self._used - nbytes)
+
+    def admit(self) -> None:
+        """Before a new instance is accepted: below the limit, or made so by eviction; else
+        CacheFull (the sender keeps the instance and retries later: nothing is lost)."""
+        if not self._limit or self._used < self._limit:
+            return
+        if self._keeper is not None and self._keeper.make_room():
+            return
+        if not self._replication_on:
+            raise CacheFull(
+                f"cache at its size limit and replication is off (limit {self._limit} bytes):"
+                " nothing can be evicted"
+            )
+        # The Error Comment keeps 64 characters: the reason comes first.
+        raise CacheFull(
+            f"cache full of instances not yet replicated (limit {self._limit} bytes); "
+            "send it again once they are in the bucket"
+        )
+
+
 class Cache:
     """The instance cache below one root directory."""
 
@@ -235,6 +323,10 @@ class Cache:
         self._max_object_bytes = max_object_bytes
         self._counter = itertools.count(1)
         self._spares: _SpareFiles | None = None
+        self.budget = CacheBudget()
+        # Striped locks over cached paths: a file is installed (read-through) or removed
+        # (eviction) only under its lock, so the two never cross on one instance.
+        self._path_locks = [threading.Lock() for _ in range(64)]
 
     def open(self) -> int:
         """Create the directories and remove what a crash left half-received.
@@ -268,20 +360,49 @@ class Cache:
         return st.f_bavail * st.f_frsize
 
     def begin(self, header: bytes, expected_size: int = 0) -> IncomingFile:
-        """Start receiving one instance; raises CacheFull below the free-space reserve."""
-        if self._min_free_bytes and self.free_bytes() < self._min_free_bytes + expected_size:
-            raise CacheFull(
-                f"free space on the cache filesystem is below storage.min_free_bytes "
-                f"({self._min_free_bytes} bytes)"
-            )
+        """Start receiving one instance; raises CacheFull at the cache's size limit when nothing
+        can be evicted, or below the free-space reserve."""
+        self.budget.admit()
+        self.check_free(expected_size)
         spare = self._spares.take() if self._spares is not None else None
         if spare is not None:
             fd, path = spare
             return IncomingFile(path, header, self._max_object_bytes, fd)
         return IncomingFile(self.incoming / self._temp_name(), header, self._max_object_bytes)
 
+    def check_free(self, expected_size: int = 0) -> None:
+        """Raise CacheFull when writing `expected_size` more bytes would go below the reserve."""
+        if self._min_free_bytes and self.free_bytes() < self._min_free_bytes + expected_size:
+            raise CacheFull(
+                f"free space on the cache filesystem is below storage.min_free_bytes "
+                f"({self._min_free_bytes} bytes)"
+            )
+
     def path_of(self, relative_path: str) -> Path:
         return self.root / relative_path
+
+    def _stripe(self, relative_path: str) -> int:
+        return hash(relative_path) % len(self._path_locks)
+
+    def path_lock(self, relative_path: str) -> threading.Lock:
+        """The lock held while a file is installed at, or removed from, `relative_path`."""
+        return self._path_locks[self._stripe(relative_path)]
+
+    @contextlib.contextmanager
+    def path_locks(self, relative_paths: Iterable[str]) -> Iterator[None]:
+        """The locks of several paths, taken in one order (no deadlock with other holders,
+        who each hold one)."""
+        stripes = sorted({self._stripe(p) for p in relative_paths})
+        taken: list[threading.Lock] = []
+        try:
+            for stripe in stripes:
+                lock = self._path_locks[stripe]
+                lock.acquire()
+                taken.append(lock)
+            yield
+        finally:
+            for lock in reversed(taken):
+                lock.release()
 
     def dataset_chunks(
         self,
@@ -349,6 +470,42 @@ class Cache:
         path = self.root / relative_path
         path.unlink(missing_ok=True)
         fsync_dir(path.parent)
+
+    def remove_evicted(self, relative_path: str) -> None:
+        """Remove the file of an instance whose row no longer points at it (the caller holds
+        its path lock). No directory fsync: should the removal be lost in a crash, the file is
+        an orphan, which a read-through replaces. A reader that opened it keeps reading (an
+        open file survives unlink). Directories stay: ingest may be creating files in them."""
+        try:
+            (self.root / relative_path).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("event=evicted_file_not_removed path=%s error=%s", relative_path, e)
+
+    def adopt(self, source: Path, relative_path: str) -> StoredFile:
+        """Install a verified file (read through from the bucket into `scratch_file()`) as the
+        cached file at `relative_path`, durably as `commit` does: fsync, then the name, then
+        its directories. A file already there is one no row points to (the caller holds the
+        path lock and has checked the index): an orphan of a crash, or a file gone bad while
+        its row was evicted, so it is replaced."""
+        final = self.root / relative_path
+        try:
+            fd = os.open(source, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                size = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            os.chmod(source, 0o640)
+            created = self._make_parents(final.parent)
+            os.replace(source, final)
+            fsync_dir(final.parent)
+            for directory in created:
+                fsync_dir(directory.parent)
+        except OSError as e:
+            _raise_for_os_error(e, f"installing {relative_path}")
+        return StoredFile(relative_path=relative_path, size=size)
 
     def has(self, relative_path: str) -> bool:
         return (self.root / relative_path).is_file()
