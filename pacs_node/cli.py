@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import socket
+import ssl
 import sys
 import threading
 import time
@@ -20,12 +22,24 @@ from typing import Any
 import click
 
 from pacs_node import __version__
-from pacs_node.audit import AuditLog
+from pacs_node.audit import AuditLog, verify_chain
 from pacs_node.config import Config, ConfigError, load_config, with_overrides
+from pacs_node.export.command import export_command
 from pacs_node.index import Index, IndexFailure
 from pacs_node.node import REPLICATION_OFF_WARNING, Node, describe_target, target_settings
+from pacs_node.replication.drill import DrillReport
+from pacs_node.replication.drill import drill as run_drill
 from pacs_node.replication.reconcile import resync as resync_bucket
+from pacs_node.replication.restore import (
+    NothingToRestore,
+    Problem,
+    RestoreError,
+    RestoreOptions,
+    RestoreReport,
+)
+from pacs_node.replication.restore import restore as restore_index
 from pacs_node.replication.verify import verify as verify_copies
+from pacs_node.service import Notifier, Watchdog
 from pacs_node.storage.bucket import ReplicationTarget, TargetError, build_target
 from pacs_node.storage.cache import Cache
 
@@ -104,9 +118,10 @@ def serve(
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    notifier = Notifier()  # systemd's sd_notify; does nothing outside a Type=notify unit
     try:
         node.start()
-    except (OSError, IndexFailure) as e:
+    except (OSError, IndexFailure, ssl.SSLError) as e:
         log.error("event=start_failed error=%s", e)
         sys.exit(EXIT_FAILURE)
     log.info(
@@ -115,8 +130,13 @@ def serve(
         config.data_dir,
         config.source,
     )
+    notifier.ready(node.summary())
+    watchdog = Watchdog(notifier, node.health_problem, node.summary)
+    watchdog.start()
     while not stop.wait(3600):
         pass
+    notifier.stopping()
+    watchdog.stop()
     node.stop(drain_timeout)
     log.info("event=stopped")
 
@@ -252,10 +272,11 @@ class _ProgressBar:
         self._total: int | None = None
         self._done = 0
         self._last = 0.0
+        self._started = 0.0
 
     def begin(self, label: str, total: int | None) -> None:
         self._label, self._total, self._done = label, total, 0
-        self._last = time.monotonic()
+        self._last = self._started = time.monotonic()
         if self._tty and total is not None:
             self._bar = click.progressbar(length=total, label=label, file=sys.stderr)
             self._bar.__enter__()
@@ -263,10 +284,17 @@ class _ProgressBar:
     def advance(self, n: int = 1) -> None:
         self._done += n
         if self._bar is not None:
+            if time.monotonic() - self._last >= 1.0:
+                self._last = time.monotonic()
+                self._bar.label = f"{self._label} ({self._rate():.0f}/s)"
             self._bar.update(n)
         elif time.monotonic() - self._last >= self._EVERY_S:
             self._last = time.monotonic()
             self._line()
+
+    def _rate(self) -> float:
+        elapsed = time.monotonic() - self._started
+        return self._done / elapsed if elapsed > 0 else 0.0
 
     def end(self) -> None:
         if self._bar is not None:
@@ -277,7 +305,7 @@ class _ProgressBar:
 
     def _line(self) -> None:
         of = f"/{self._total}" if self._total is not None else ""
-        click.echo(f"{self._label}: {self._done}{of}", err=True)
+        click.echo(f"{self._label}: {self._done}{of} ({self._rate():.0f}/s)", err=True)
 
 
 def _replication_target(config: Config, command: str) -> ReplicationTarget:
@@ -478,6 +506,362 @@ def verify(config: Config, sample: int | None, check_all: bool, no_bucket: bool)
     )
     if r.unrecoverable:
         sys.exit(EXIT_FAILURE)
+
+
+def _concurrency_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--concurrency",
+        type=click.IntRange(1, 64),
+        default=16,
+        show_default=True,
+        help="Objects read from the bucket at once.",
+    )(command)
+
+
+@main.command()
+@_common_options
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Say what would be restored (the snapshot is fetched and checked in a temporary "
+    "directory, the bucket listed); write nothing.",
+)
+@click.option(
+    "--if-missing",
+    is_flag=True,
+    help="Do nothing (exit 0) when an index exists, and when the bucket holds nothing: safe "
+    "to run at every boot before `serve`.",
+)
+@click.option("--force", is_flag=True, help="Replace an existing index (stop the node first).")
+@click.option(
+    "--no-snapshot",
+    is_flag=True,
+    help="Ignore index snapshots: rebuild the whole index from object metadata (slower; for "
+    "when snapshots are lost or suspect).",
+)
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Also hash every object against its SHA-256 (downloads the whole bucket).",
+)
+@_concurrency_option
+def restore(
+    config: Config,
+    dry_run: bool,
+    if_missing: bool,
+    force: bool,
+    no_snapshot: bool,
+    verify: bool,
+    concurrency: int,
+) -> None:
+    """Rebuild the index from the bucket, on a new machine with only this config.
+
+    Fetches the newest index snapshot from <prefix>/index/snapshots/ (checked: SHA-256 from
+    its manifest, SQLite integrity check; a damaged one is reported and the previous one is
+    tried, then object metadata alone), then indexes every object under <prefix>/instances/
+    that the snapshot does not cover from the object itself (its metadata, and the C-FIND
+    attributes from its first 64 KiB). Restored instances are evicted (their bytes are read
+    from the bucket on demand) and replicated: nothing is uploaded again. The index is built
+    beside the final one and renamed into place only once complete and checked. The bucket
+    is only read.
+
+    Objects that cannot be indexed (metadata or dataset unreadable) and snapshot instances
+    whose object is gone are named and left out, never fatal. Refuses to replace an existing
+    index unless --force, and refuses --force while the node answers on its port.
+
+    Exit codes: 0 restored (or nothing to do with --if-missing); 1 the restore failed (bucket
+    unreachable, nothing in the bucket, the result failed its check: nothing was installed),
+    --verify found damaged objects (the index was installed; they are named), or --force
+    while the node runs; 2 bad configuration or usage (no replication target; an index exists
+    and neither --force nor --if-missing was given).
+    """
+    if if_missing and force:
+        click.echo("usage error: --if-missing and --force exclude each other", err=True)
+        sys.exit(EXIT_CONFIG)
+    _setup_logging("WARNING" if config.logging.level == "INFO" else config.logging.level)
+    target = _replication_target(config, "restore")
+    where = describe_target(config.replication)
+    path = config.index.path
+    if path.exists():
+        if if_missing:
+            click.echo(f"index exists at {path}: nothing to do (--if-missing)")
+            return
+        if not force:
+            click.echo(
+                f"refused: an index exists at {path}; restore never replaces it unless --force "
+                "(stop the node first), and --if-missing does nothing when it exists",
+                err=True,
+            )
+            sys.exit(EXIT_CONFIG)
+        if not dry_run:
+            if _node_answers(config):
+                # Replacing the index under a running node would corrupt what it writes.
+                click.echo(
+                    f"refused: something answers on {config.dicom.host}:{config.dicom.port}, "
+                    "probably this node; stop it before `restore --force`",
+                    err=True,
+                )
+                sys.exit(EXIT_FAILURE)
+            click.echo(f"--force: the index at {path} will be replaced", err=True)
+    options = RestoreOptions(
+        use_snapshot=not no_snapshot,
+        verify=verify,
+        dry_run=dry_run,
+        replace_existing=force,
+        concurrency=concurrency,
+    )
+    click.echo(f"restore{' (dry run)' if dry_run else ''} from {where} into {path}")
+    try:
+        report = restore_index(
+            target,
+            config.replication.prefix,
+            path,
+            options=options,
+            progress=_ProgressBar(),
+            busy_timeout_s=config.index.busy_timeout_s,
+        )
+    except NothingToRestore as e:
+        if if_missing:
+            click.echo(f"{e}; nothing restored (--if-missing): the node starts empty")
+            return
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_FAILURE)
+    except TargetError as e:
+        click.echo(f"error: replication target {where}: {e}; nothing installed", err=True)
+        sys.exit(EXIT_FAILURE)
+    except (RestoreError, IndexFailure, OSError) as e:
+        click.echo(f"error: {e}; nothing installed", err=True)
+        sys.exit(EXIT_FAILURE)
+    _print_restore(report)
+    if not dry_run:
+        _audit_event(
+            config,
+            "index_restored",
+            target=where,
+            snapshot=report.snapshot.snapshot_key if report.snapshot else None,
+            from_snapshot=report.from_snapshot,
+            from_metadata=report.from_metadata,
+            lost=len(report.lost),
+            skipped=len(report.skipped),
+            size_differs=len(report.size_differs),
+            verified=report.verified if verify else None,
+            corrupt=len(report.corrupt),
+            seconds=round(report.seconds, 3),
+            forced=force,
+        )
+    if report.corrupt:
+        sys.exit(EXIT_FAILURE)
+
+
+def _node_answers(config: Config) -> bool:
+    host = "127.0.0.1" if config.dicom.host in ("0.0.0.0", "::", "") else config.dicom.host
+    try:
+        with socket.create_connection((host, config.dicom.port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _print_problems(kind: str, problems: list[Problem]) -> None:
+    for p in problems[:_DETAIL_LINES]:
+        click.echo(f"{kind}: {p.describe()}")
+    if len(problems) > _DETAIL_LINES:
+        click.echo(f"{kind}: ... and {len(problems) - _DETAIL_LINES} more (see the log)")
+
+
+def _print_restore(r: RestoreReport) -> None:
+    for text in r.notes:
+        click.echo(f"note: {text}")
+    if r.snapshot is not None:
+        s = r.snapshot
+        click.echo(
+            f"snapshot: {s.snapshot_key} (taken {s.created_at}, {s.instances} instances, "
+            f"newest received {s.newest_received_at or '-'})"
+        )
+    else:
+        click.echo("snapshot: none used (the index is rebuilt from object metadata)")
+    _print_problems("LOST", r.lost)
+    _print_problems("skipped", r.skipped)
+    _print_problems("SIZE DIFFERS", r.size_differs)
+    _print_problems("CORRUPT", r.corrupt)
+    if r.dry_run:
+        click.echo(
+            f"dry run: would restore {r.instances} instances ({r.from_snapshot} from the "
+            f"snapshot, {r.from_metadata} objects to index from their metadata); "
+            f"{len(r.lost)} in the snapshot without an object; {r.listed} objects listed; "
+            "nothing was written"
+        )
+        return
+    click.echo(
+        f"restored {r.instances} instances ({r.from_snapshot} from the snapshot, "
+        f"{r.from_metadata} from object metadata) in {r.seconds:.1f} s "
+        f"({r.rate:.0f} instances/s); lost {len(r.lost)}, skipped {len(r.skipped)}, "
+        f"size differs {len(r.size_differs)}"
+        + (f", verified {r.verified}, corrupt {len(r.corrupt)}" if r.verified else "")
+    )
+    if r.result is not None:
+        click.echo(
+            f"index: {r.result.patients} patients, {r.result.studies} studies, "
+            f"{r.result.series} series, {r.result.instances} instances at {r.installed}"
+        )
+    click.echo(
+        "the node can start now: C-FIND answers at once; instance bytes are read from the "
+        "bucket on demand"
+    )
+
+
+@main.command()
+@_common_options
+@click.option(
+    "--scratch",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where to restore (default: a temporary directory, removed afterwards).",
+)
+@click.option("--keep", is_flag=True, help="Keep the restored index in the scratch directory.")
+@click.option("--no-snapshot", is_flag=True, help="Rehearse a restore from object metadata alone.")
+@click.option("--verify", is_flag=True, help="Also hash every object against its SHA-256.")
+@_concurrency_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def drill(
+    config: Config,
+    scratch: Path | None,
+    keep: bool,
+    no_snapshot: bool,
+    verify: bool,
+    concurrency: int,
+    as_json: bool,
+) -> None:
+    """Disaster-recovery rehearsal: restore the bucket into a scratch directory and compare.
+
+    Never touches the live node's data: the live index is only read (safe beside a running
+    node), the bucket only read, and the restore goes to the scratch directory. Reports the
+    recovery point (age of the oldest instance still waiting for upload: what a loss now
+    would cost), the recovery time (how long the index restore took) and every live instance,
+    replicated before the drill began, that would not come back identical (by SOP Instance
+    UID: object missing or damaged in the bucket, row missing or different in the restored
+    index). Exit codes: 0 no difference; 1 differences, or the restore could not be done;
+    2 bad configuration (no replication target, no live index).
+    """
+    _setup_logging("WARNING" if config.logging.level == "INFO" else config.logging.level)
+    target = _replication_target(config, "drill")
+    where = describe_target(config.replication)
+    if not config.index.path.exists():
+        click.echo(f"configuration error: no live index at {config.index.path}", err=True)
+        sys.exit(EXIT_CONFIG)
+    options = RestoreOptions(use_snapshot=not no_snapshot, verify=verify, concurrency=concurrency)
+    try:
+        report = run_drill(
+            target,
+            config.replication.prefix,
+            config.index.path,
+            scratch=scratch,
+            keep=keep,
+            options=options,
+            progress=_ProgressBar(),
+            busy_timeout_s=config.index.busy_timeout_s,
+        )
+    except (NothingToRestore, RestoreError, IndexFailure, OSError, ValueError) as e:
+        click.echo(f"drill FAILED: the restore could not be done: {e}", err=True)
+        sys.exit(EXIT_FAILURE)
+    except TargetError as e:
+        click.echo(f"drill FAILED: replication target {where}: {e}", err=True)
+        sys.exit(EXIT_FAILURE)
+    if as_json:
+        click.echo(json.dumps(_drill_json(report, where), indent=2))
+    else:
+        _print_drill(report, where)
+    if not report.passed:
+        sys.exit(EXIT_FAILURE)
+
+
+def _drill_json(d: DrillReport, where: str) -> dict[str, Any]:
+    r, c = d.restore, d.comparison
+    return {
+        "target": where,
+        "passed": d.passed,
+        "started_at": _iso(d.started_at),
+        "recovery_point_s": round(d.recovery_point_s, 3),
+        "pending_uploads": d.live.pending,
+        "recovery_time_s": round(d.recovery_time_s, 3),
+        "restored_instances": r.instances,
+        "from_snapshot": r.from_snapshot,
+        "from_metadata": r.from_metadata,
+        "snapshot": r.snapshot.snapshot_key if r.snapshot else None,
+        "instances_per_s": round(r.rate, 1),
+        "live_instances": c.live,
+        "judged": c.judged,
+        "identical": c.identical,
+        "not_judged": c.not_judged,
+        "extra_in_bucket": c.extra,
+        "notes": r.notes,
+        "differences": [
+            {"sop_uid": x.sop_uid, "version": x.version, "problem": x.problem, "detail": x.detail}
+            for x in d.differences
+        ],
+        "scratch": str(d.scratch) if d.scratch else None,
+    }
+
+
+def _print_drill(d: DrillReport, where: str) -> None:
+    r, c = d.restore, d.comparison
+    click.echo(f"drill: {where} restored into a scratch directory, compared with the live index")
+    for text in r.notes:
+        click.echo(f"note: {text}")
+    if d.live.pending:
+        click.echo(
+            f"recovery point: {d.recovery_point_s:.0f} s ({d.live.pending} instance(s) "
+            "waiting for upload would be lost now)"
+        )
+    else:
+        click.echo("recovery point: 0 s (every instance is in the bucket)")
+    source = f"snapshot {r.snapshot.snapshot_key}" if r.snapshot else "no snapshot"
+    click.echo(
+        f"recovery time: {d.recovery_time_s:.1f} s to restore the index of {r.instances} "
+        f"instances ({r.rate:.0f} instances/s; {source} + {r.from_metadata} from object metadata)"
+    )
+    click.echo(
+        f"compared: {c.live} live instance versions; {c.judged} replicated before the drill, "
+        f"{c.identical} identical; {c.not_judged} not judged (pending, or replicated during "
+        f"the drill); {c.extra} restored that the live index does not have"
+    )
+    for x in d.differences[:_DETAIL_LINES]:
+        click.echo(f"DIFFERENCE: {x.sop_uid} v{x.version}: {x.problem}: {x.detail}")
+    if len(d.differences) > _DETAIL_LINES:
+        click.echo(f"DIFFERENCE: ... and {len(d.differences) - _DETAIL_LINES} more")
+    if d.scratch is not None:
+        click.echo(f"restored index kept in {d.scratch}")
+    if d.passed:
+        click.echo("drill PASSED")
+    else:
+        click.echo(f"drill FAILED: {len(d.differences)} difference(s)")
+
+
+@main.group("audit")
+def audit_group() -> None:
+    """The audit record."""
+
+
+@audit_group.command("verify")
+@_common_options
+def audit_verify(config: Config) -> None:
+    """Re-hash the audit record's chain (rotated files included); exit 1 naming the first
+    record that was changed, removed or reordered."""
+    report = verify_chain(config.audit.path)
+    if report.ok:
+        click.echo(
+            f"audit chain OK: {report.records} records in {report.files} file(s) "
+            f"({config.audit.path})"
+        )
+        return
+    click.echo(
+        f"audit chain BROKEN at {report.broken_at}: {report.reason} "
+        f"({report.records} records verified before it)",
+        err=True,
+    )
+    sys.exit(EXIT_FAILURE)
+
+
+main.add_command(export_command)
 
 
 @main.group("config")

@@ -35,6 +35,9 @@ class Peer:
     host: str | None = None  # None: any address may use this AE title
     port: int | None = None  # needed only as a C-MOVE destination
     allow: tuple[str, ...] = OPERATIONS
+    # Associations this peer may hold open at once (None: only dicom.max_associations applies),
+    # so one misbehaving modality cannot take every slot.
+    max_associations: int | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,9 @@ class DicomConfig:
     # None: allowed only when the listener is on loopback and no peers are listed.
     allow_unknown_callers: bool | None = None
     max_associations: int = 32
+    # Open TCP connections, negotiated or not (each holds a thread): beyond this a new one is
+    # closed at once. Idle and half-open connections never count toward max_associations.
+    max_connections: int = 1024
     max_pdu_size: int = 262_144
     acse_timeout_s: float = 30.0
     dimse_timeout_s: float = 60.0
@@ -87,6 +93,9 @@ class DuplicatesConfig:
 @dataclass(frozen=True)
 class AuditConfig:
     path: Path
+    # The current file is rotated (renamed with its last sequence number) at this size; the
+    # hash chain continues into the next file.
+    max_bytes: int = 64 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -148,6 +157,32 @@ class CommitmentConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # A Prometheus endpoint (GET /metrics). Keep it on a local or management address: it says
+    # how busy the node is, never who the patients are.
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 9112
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    # DICOM over TLS on its own port (PS3.15 B.1; 2762 is the registered "dicom-tls" port),
+    # beside the plain listener, on dicom.host. TLS 1.2 minimum, BCP 195 cipher suites.
+    enabled: bool = False
+    port: int = 2762
+    certificate: Path | None = None  # PEM, the node's certificate (and chain)
+    private_key: Path | None = None  # PEM
+    # PEM bundle of the CAs whose client certificates are trusted; with
+    # require_client_certificate a peer without a certificate from one of them is refused.
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = True
+    # A client must complete the handshake within this many seconds (it runs on the
+    # connection's own thread, never on the one that accepts connections).
+    handshake_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
 class SnapshotConfig:
     # Seconds between index snapshots uploaded to the replication target (0 = none on a
     # schedule); one is also taken at a clean stop when `on_stop` is true.
@@ -188,6 +223,8 @@ class Config:
     query: QueryConfig = QueryConfig()
     snapshots: SnapshotConfig = SnapshotConfig()
     retrieve: RetrieveConfig = RetrieveConfig()
+    tls: TlsConfig = TlsConfig()
+    metrics: MetricsConfig = MetricsConfig()
     source: str = field(default="<embedded default>", compare=False)
 
     @property
@@ -294,6 +331,7 @@ def _dicom(raw: Mapping[str, Any]) -> DicomConfig:
         port=s.int_("port", d.port, 1, 65535),
         allow_unknown_callers=s.bool_("allow_unknown_callers", None),
         max_associations=s.int_("max_associations", d.max_associations, 1, 1000),
+        max_connections=s.int_("max_connections", d.max_connections, 1, 100_000),
         max_pdu_size=s.int_("max_pdu_size", d.max_pdu_size, 4096, 16 * 1024**2),
         acse_timeout_s=s.float_("acse_timeout_s", d.acse_timeout_s, 0.1, 3600),
         dimse_timeout_s=s.float_("dimse_timeout_s", d.dimse_timeout_s, 0.1, 3600),
@@ -301,6 +339,33 @@ def _dicom(raw: Mapping[str, Any]) -> DicomConfig:
         max_object_bytes=s.int_("max_object_bytes", d.max_object_bytes, 1024, 2**46),
     )
     s.finish()
+    return config
+
+
+def _tls(raw: Mapping[str, Any], base: Path) -> TlsConfig:
+    s = _Section(raw, "tls")
+    d = TlsConfig
+    config = TlsConfig(
+        enabled=bool(s.bool_("enabled", d.enabled)),
+        port=s.int_("port", d.port, 1, 65535),
+        certificate=s.path("certificate", None, base),  # type: ignore[arg-type]
+        private_key=s.path("private_key", None, base),  # type: ignore[arg-type]
+        ca_certificates=s.path("ca_certificates", None, base),  # type: ignore[arg-type]
+        require_client_certificate=bool(
+            s.bool_("require_client_certificate", d.require_client_certificate)
+        ),
+        handshake_timeout_s=s.float_("handshake_timeout_s", d.handshake_timeout_s, 0.1, 600),
+    )
+    s.finish()
+    if config.enabled:
+        for name in ("certificate", "private_key"):
+            if getattr(config, name) is None:
+                raise ConfigError(f"tls.{name}: required when tls.enabled = true")
+        if config.require_client_certificate and config.ca_certificates is None:
+            raise ConfigError(
+                "tls.ca_certificates: required with tls.require_client_certificate = true "
+                "(or set require_client_certificate = false)"
+            )
     return config
 
 
@@ -398,8 +463,19 @@ def _peers(raw: Any) -> tuple[Peer, ...]:
         allow = s._get("allow", list(OPERATIONS))
         if not isinstance(allow, list) or any(a not in OPERATIONS for a in allow):
             raise ConfigError(f"peers[{i}].allow: expected a list of {', '.join(OPERATIONS)}")
+        limit = s._get("max_associations", None)
+        if limit is not None:
+            limit = s.int_("max_associations", 0, 1, 1000)
         s.finish()
-        peers.append(Peer(ae_title=ae_title, host=host, port=port, allow=tuple(allow)))
+        peers.append(
+            Peer(
+                ae_title=ae_title,
+                host=host,
+                port=port,
+                allow=tuple(allow),
+                max_associations=limit,
+            )
+        )
     return tuple(peers)
 
 
@@ -448,7 +524,8 @@ def build_config(
 
     s = _Section(raw.get("audit", {}), "audit")
     audit = AuditConfig(
-        path=s.path("path", resolved_data_dir / "audit" / "audit.jsonl", resolved_data_dir)
+        path=s.path("path", resolved_data_dir / "audit" / "audit.jsonl", resolved_data_dir),
+        max_bytes=s.int_("max_bytes", AuditConfig.max_bytes, 4096, 2**40),
     )
     s.finish()
     top._read.add("audit")
@@ -499,6 +576,18 @@ def build_config(
     )
     s.finish()
     top._read.add("retrieve")
+
+    tls = _tls(raw.get("tls", {}), resolved_data_dir)
+    top._read.add("tls")
+
+    s = _Section(raw.get("metrics", {}), "metrics")
+    metrics = MetricsConfig(
+        enabled=bool(s.bool_("enabled", MetricsConfig.enabled)),
+        host=s.str_("host", MetricsConfig.host),
+        port=s.int_("port", MetricsConfig.port, 0, 65535),
+    )
+    s.finish()
+    top._read.add("metrics")
     top.finish()
 
     config = Config(
@@ -515,6 +604,8 @@ def build_config(
         query=query,
         snapshots=snapshots,
         retrieve=retrieve,
+        tls=tls,
+        metrics=metrics,
         source=source,
     )
     _check_exposure(config)

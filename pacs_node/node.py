@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import logging
 import threading
+from datetime import UTC, datetime
 
 from pacs_node import __version__
 from pacs_node.audit import AuditLog
 from pacs_node.config import Config, ReplicationConfig
 from pacs_node.dimse.server import DicomServer
-from pacs_node.index import Index
+from pacs_node.index import Index, IndexFailure
 from pacs_node.ingest import Ingest
+from pacs_node.metrics import Metrics
+from pacs_node.replication.audit_copy import AuditCopier
+from pacs_node.replication.snapshot import Snapshotter
 from pacs_node.replication.worker import Replicator
 from pacs_node.storage.bucket import (
     ReplicationTarget,
@@ -19,6 +23,7 @@ from pacs_node.storage.bucket import (
     build_target,
 )
 from pacs_node.storage.cache import Cache
+from pacs_node.storage.eviction import Evictor
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +77,26 @@ class Node:
             max_object_bytes=config.dicom.max_object_bytes,
         )
         self.index = Index(config.index.path, busy_timeout_s=config.index.busy_timeout_s)
-        self.audit = AuditLog(config.audit.path)
+        # Metrics are fed by the audit record (every audited event is counted once).
+        self.metrics = Metrics(self._gauges) if config.metrics.enabled else None
+        self.audit = AuditLog(
+            config.audit.path,
+            max_bytes=config.audit.max_bytes,
+            observer=self.metrics.observe if self.metrics else None,
+        )
         self.replicator: Replicator | None = None
         self.target: ReplicationTarget | None = None
+        self.snapshots: Snapshotter | None = None  # index snapshots to the bucket
+        self.audit_copy: AuditCopier | None = None
         if config.replication.enabled:
             self.target = build_target(target_settings(config.replication))
             self.replicator = Replicator(self.index, self.cache, self.target, config.replication)
+            self.snapshots = Snapshotter(
+                self.index, self.target, config.replication.prefix, config.snapshots
+            )
+            # The audit record goes off-site too: each rotated file, once.
+            self.audit_copy = AuditCopier(config.audit.path, self.target, config.replication.prefix)
+            self.audit.on_rotated = self.audit_copy.rotated
         self.ingest = Ingest(
             self.cache,
             self.index,
@@ -87,6 +106,15 @@ class Node:
         )
         self.dicom = DicomServer(
             config, self.ingest, self.audit, self.index, self.cache, self.target
+        )
+        # The cache's size limit (storage/eviction.py): counts the cached bytes through
+        # `cache.budget`, evicts replicated instances; retrieval reads them back (dimse/qr.py).
+        self.evictor = Evictor(
+            self.cache,
+            self.index,
+            self.audit,
+            config.storage,
+            replication_on=self.target is not None,
         )
         self._stopped = threading.Event()
 
@@ -100,6 +128,9 @@ class Node:
                 "event=incoming_swept removed=%d reason=unacknowledged_partial_files", removed
             )
         self.audit.open()
+        if self.audit_copy is not None:
+            self.audit_copy.start()
+        self.evictor.start()
         self._warn_about_exposure()
         if self.replicator is None:
             log.warning("event=replication_off message=%r", REPLICATION_OFF_WARNING)
@@ -113,7 +144,14 @@ class Node:
         else:
             self._check_target()
             self.replicator.start()
+            if self.snapshots is not None:
+                self.snapshots.start()
         self.dicom.start()
+        if self.metrics is not None:
+            self.metrics_port = self.metrics.serve(config.metrics.host, config.metrics.port)
+            log.info(
+                "event=metrics_listening host=%s port=%d", config.metrics.host, self.metrics_port
+            )
         self.audit.record(
             "application_started",
             version=__version__,
@@ -122,6 +160,38 @@ class Node:
             port=self.dicom.port,
             config=config.source,
         )
+
+    def _gauges(self) -> dict[str, float | None]:
+        """Read at each metrics scrape."""
+        replication = self.index.replication_counts()
+        oldest = replication.oldest_pending_received_at
+        age = (datetime.now(UTC).replace(tzinfo=None) - oldest).total_seconds() if oldest else 0
+        return {
+            "pacs_replication_pending": replication.pending,
+            "pacs_replication_oldest_pending_age_seconds": age,
+            "pacs_replication_failing": replication.failing,
+            "pacs_cache_bytes": self.cache.budget.used,
+            "pacs_instances": self.index.status().instances,
+        }
+
+    def health_problem(self) -> str | None:
+        """Why the node is not healthy (the systemd watchdog is then not fed), or None."""
+        if not self.dicom.accepting():
+            return "the DICOM accept loop is not running"
+        if self.replicator is not None and self.replicator.dead_workers():
+            return f"{self.replicator.dead_workers()} replication worker(s) died"
+        return None
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=."""
+        try:
+            counts = self.index.replication_counts()
+            pending = (
+                f"replication pending {counts.pending}" if self.replicator else "replication off"
+            )
+        except IndexFailure as e:
+            pending = f"index unavailable ({e})"
+        return f"listening on {self.config.dicom.host}:{self.dicom.port}; {pending}"
 
     def _check_target(self) -> None:
         """Say at start whether the target answers; ingest runs whatever it says."""
@@ -153,10 +223,18 @@ class Node:
             return
         self._stopped.set()
         self.dicom.stop(drain_timeout_s)
+        if self.metrics is not None:
+            self.metrics.stop()
+        self.evictor.stop()
         if self.replicator is not None:
             self.replicator.stop(drain_timeout_s)
+        if self.snapshots is not None:
+            self.snapshots.stop()  # after ingest and replication: the final state
         try:
             self.audit.record("application_stopped")
+            if self.audit_copy is not None:
+                self.audit.rotate()  # so the whole record, up to this stop, goes off-site
+                self.audit_copy.stop()
         finally:
             self.audit.close()
             self.index.close()

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from pydicom import config as pydicom_config
 from pydicom import dcmread
@@ -803,6 +804,7 @@ def test_http_request_on_the_dicom_port_is_dropped(node: RunningNode) -> None:
 @pytest.mark.parametrize("when", ["before_association", "after_association"])
 def test_pdu_claiming_4_gib_is_aborted_without_reading_it(node: RunningNode, when: str) -> None:
     """The node must not wait for 4 GiB: it aborts at once (its network timeout is 60 s)."""
+    rss_before = psutil.Process().memory_info().rss
     if when == "before_association":
         sock = socket.create_connection(("127.0.0.1", node.port), timeout=10)
         sock.sendall(struct.pack(">BBL", A_ASSOCIATE_RQ, 0, 0xFFFFFFFF) + b"\x00\x01" * 512)
@@ -816,6 +818,8 @@ def test_pdu_claiming_4_gib_is_aborted_without_reading_it(node: RunningNode, whe
     assert received == b"" or received[0] == A_ABORT
     assert echo(node.port) == SUCCESS
     assert_nothing_kept(node)
+    # Memory stays flat: the node (in this process) allocated nothing for the claimed length.
+    assert psutil.Process().memory_info().rss - rss_before < 32 * 1024 * 1024
 
 
 def test_peer_stalling_mid_pdu_is_dropped(start_node: Callable[..., RunningNode]) -> None:
@@ -909,7 +913,7 @@ def test_many_idle_connections_do_not_lock_out_a_known_peer(
 ) -> None:
     node = start_node(peers=[{"ae_title": "KNOWN"}])
     made = make_folder(tmp_path / "in", 3, syntaxes=[ExplicitVRLittleEndian])
-    with idle_connections(node.port, 50):
+    with idle_connections(node.port, 300):
         started = time.monotonic()
         served, rejection = _try_echo(node.port, "KNOWN")
         assert served, f"the known peer was refused: A-ASSOCIATE-RJ {rejection}"
@@ -1051,3 +1055,40 @@ def test_moderately_nested_sequences_are_stored(node: RunningNode, tmp_path: Pat
     assoc.release()
     row = instance_rows(node.config.index.path)[(made.sop_uid, 1)]
     assert row["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_a_peer_limit_keeps_one_modality_from_taking_every_slot(
+    start_node: Callable[..., RunningNode],
+) -> None:
+    node = start_node(peers=[{"ae_title": "GREEDY", "max_associations": 2}, {"ae_title": "OTHER"}])
+    greedy = AE(ae_title="GREEDY")
+    greedy.add_requested_context(Verification)
+    held = [greedy.associate("127.0.0.1", node.port, ae_title=NODE_AE) for _ in range(2)]
+    try:
+        assert all(a.is_established for a in held)
+        third = greedy.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+        assert third.is_rejected
+        assert (third.acceptor.primitive.result, third.acceptor.primitive.diagnostic) == (2, 2)
+        served, rejection = _try_echo(node.port, "OTHER")
+        assert served, f"another peer was refused: {rejection}"
+        rejected = [
+            r for r in read_audit(node.config.audit.path) if r["event"] == "association_rejected"
+        ]
+        assert "GREEDY" in rejected[-1]["reason"] and "max_associations" in rejected[-1]["reason"]
+    finally:
+        for a in held:
+            a.release()
+
+
+def test_connections_beyond_max_connections_are_closed_at_once(
+    start_node: Callable[..., RunningNode],
+) -> None:
+    node = start_node(dicom={"max_connections": 10}, peers=[{"ae_title": "KNOWN"}])
+    with idle_connections(node.port, 10):
+        extra = socket.create_connection(("127.0.0.1", node.port), timeout=10)
+        with extra:
+            received, elapsed = read_until_closed(extra, within=5)
+        assert received == b"" and elapsed < 2
+    assert wait_for(lambda: node.node.dicom.active_associations() == 0, 10)
+    served, rejection = _try_echo(node.port, "KNOWN")
+    assert served, f"the known peer was refused: A-ASSOCIATE-RJ {rejection}"

@@ -49,6 +49,11 @@ class AccessPolicy:
             )
         return None
 
+    def peer_limit(self, calling_ae: str) -> int | None:
+        """The peer's own limit on open associations, if it has one."""
+        peer = self._config.peer(calling_ae.strip())
+        return peer.max_associations if peer is not None else None
+
     def allows(self, calling_ae: str, operation: str) -> bool:
         """Whether an associated peer may run `operation` (echo, store, find, ...)."""
         peer = self._config.peer(calling_ae.strip())

@@ -8,6 +8,7 @@ message objects, which cost more CPU than the rest of those paths together.
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 from collections.abc import Callable, Iterable
 
@@ -275,6 +276,9 @@ class MessageWriter:
 
 def send_buffers(sock: socket.socket, buffers: list[bytes | memoryview]) -> None:
     """Write every buffer, in order, with as few system calls as the kernel allows."""
+    if isinstance(sock, ssl.SSLSocket):  # TLS has no sendmsg: one record stream
+        sock.sendall(b"".join(buffers))
+        return
     views = [memoryview(b).cast("B") for b in buffers if len(b)]
     while views:
         sent = sock.sendmsg(views[:_IOV_MAX])

@@ -12,12 +12,13 @@ are sent by send.py. What a request did is logged (UIDs and counts only) and aud
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +60,7 @@ from pacs_node.dimse.messages import (
 from pacs_node.dimse.send import (
     AssociationFailed,
     Destination,
+    NotCached,
     StoreAssociation,
     SubOperationFailed,
     choose_context,
@@ -82,6 +84,7 @@ from pacs_node.index import Index, IndexFailure, QueryError, RetrieveItem
 from pacs_node.index.query import FindRequest
 from pacs_node.storage.bucket import ReplicationTarget
 from pacs_node.storage.cache import Cache
+from pacs_node.storage.readthrough import ReadThrough, ReadThroughFailed
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +134,7 @@ class _Tally:
     failed: int = 0
     warning: int = 0
     failed_uids: list[str] = field(default_factory=list)
+    fetched: int = 0  # read through from the bucket
 
     @property
     def remaining(self) -> int:
@@ -171,6 +175,16 @@ class QueryRetrieveService:
         # a new connection starts with a cold page cache (the first query of a fresh connection
         # took 5x longer), while viewers open a new association for every query.
         self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="qr-index")
+        # Evicted instances come back through the bucket on these threads, shared by every
+        # retrieval: the load on the bucket stays bounded however many run at once.
+        self.read_through: ReadThrough | None = None
+        self.fetch_threads = config.retrieve.bucket_fetch_concurrency
+        self._fetchers: ThreadPoolExecutor | None = None
+        if target is not None:
+            self.read_through = ReadThrough(cache, index, target, config.replication.prefix, audit)
+            self._fetchers = ThreadPoolExecutor(
+                max_workers=self.fetch_threads, thread_name_prefix="qr-fetch"
+            )
 
     def find(self, request: FindRequest) -> list[dict[str, str]]:
         return self._readers.submit(self.index.find, request).result()
@@ -182,8 +196,30 @@ class QueryRetrieveService:
             self.index.instances_to_retrieve, level, uids, serve_version
         ).result()
 
+    def touch(self, items: list[RetrieveItem]) -> None:
+        """Count the cached items as just used (the cache evicts least recently used first).
+        Not waited for: eviction order is not worth delaying or failing a retrieval."""
+        versions = [(item.sop_uid, item.version) for item in items if item.cache_path]
+        if versions:
+            self._readers.submit(self._touch, versions)
+
+    def _touch(self, versions: list[tuple[str, int]]) -> None:
+        try:
+            self.index.touch(versions)
+        except IndexFailure as e:
+            log.warning(
+                "event=retrieve_access_not_recorded instances=%d error=%s", len(versions), e
+            )
+
+    def fetch(self, item: RetrieveItem) -> Future[RetrieveItem]:
+        """Read `item` through from the bucket on a fetch thread (only with a target)."""
+        assert self._fetchers is not None and self.read_through is not None
+        return self._fetchers.submit(self.read_through.fetch, item)
+
     def stop(self) -> None:
         self._readers.shutdown(wait=False, cancel_futures=True)
+        if self._fetchers is not None:
+            self._fetchers.shutdown(wait=False, cancel_futures=True)
 
     def session(self, channel: Channel) -> QRSession:
         return QRSession(self, channel)
@@ -394,6 +430,7 @@ class QRSession:
             level=level,
             matches=sent,
             status=status,
+            ms=round(elapsed_ms, 1),
         )
 
     # -- C-MOVE and C-GET -----------------------------------------------------------------------
@@ -435,6 +472,15 @@ class QRSession:
             return
         started = time.monotonic()
         tally = _Tally(total=len(items))
+        self._service.record(
+            f"{operation}_started",
+            calling_ae=self._channel.calling_ae,
+            peer=self._channel.peer,
+            destination=destination.ae_title if destination else self._channel.calling_ae,
+            level=level,
+            instances=len(items),
+        )
+        self._service.touch(items)
         if destination is not None:
             self._move(request, destination, items, tally, transfer_syntax)
         else:
@@ -447,7 +493,7 @@ class QRSession:
         elapsed = time.monotonic() - started
         log.info(
             "event=%s calling_ae=%s destination=%s level=%s instances=%d completed=%d failed=%d "
-            "warning=%d status=0x%04X s=%.2f",
+            "warning=%d from_bucket=%d status=0x%04X s=%.2f",
             operation,
             self._channel.calling_ae,
             destination.ae_title if destination else self._channel.calling_ae,
@@ -456,6 +502,7 @@ class QRSession:
             tally.completed,
             tally.failed,
             tally.warning,
+            tally.fetched,
             status,
             elapsed,
         )
@@ -470,7 +517,9 @@ class QRSession:
             completed=tally.completed,
             failed=tally.failed,
             warning=tally.warning,
+            from_bucket=tally.fetched,
             failed_sop_uids=tally.failed_uids[:_MAX_FAILED_UIDS_AUDITED],
+            ms=round(elapsed * 1000, 1),
             status=status,
         )
 
@@ -564,11 +613,33 @@ class QRSession:
         tally: _Tally,
         store: Callable[[RetrieveItem], int],
     ) -> None:
+        service = self._service
+        ahead = None
+        if service.read_through is not None and any(item.cache_path is None for item in items):
+            # Evicted instances are fetched ahead of the sending loop, in sending order.
+            ahead = _FetchAhead(items, service.fetch, depth=2 * service.fetch_threads)
+        try:
+            self._send_each(request, items, tally, store, ahead)
+        finally:
+            if ahead is not None:
+                ahead.close()
+
+    def _send_each(
+        self,
+        request: _Request,
+        items: list[RetrieveItem],
+        tally: _Tally,
+        store: Callable[[RetrieveItem], int],
+        ahead: _FetchAhead | None,
+    ) -> None:
         for i, item in enumerate(items):
             if request.cancelled.is_set() or self._closed.is_set():
                 return
             try:
-                status = store(item)
+                if ahead is not None:
+                    item, fetched = ahead.ready(i)
+                    tally.fetched += fetched
+                status = self._store_or_read_through(item, store, tally)
             except SubOperationFailed as e:
                 log.warning("event=sub_operation_failed sop_uid=%s reason=%s", item.sop_uid, e)
                 status = 0xC000
@@ -588,6 +659,20 @@ class QRSession:
                 )
             if tally.remaining:
                 self._respond(request, PENDING, counts=tally.counts(with_remaining=True))
+
+    def _store_or_read_through(
+        self, item: RetrieveItem, store: Callable[[RetrieveItem], int], tally: _Tally
+    ) -> int:
+        """Send `item`; if its cached file is gone (evicted since it was looked up), read it
+        through from the bucket and send that."""
+        try:
+            return store(item)
+        except NotCached:
+            if self._service.read_through is None:
+                raise
+        item = _result(self._service.fetch(item))
+        tally.fetched += 1
+        return store(item)
 
     @staticmethod
     def _fail_rest(items: list[RetrieveItem], tally: _Tally, start: int, reason: str) -> None:
@@ -656,3 +741,55 @@ class QRSession:
     def _final(self, request: _Request, status: int, comment: str | None) -> None:
         counts = (-1, 0, 0, 0) if request.operation != "find" else None
         self._respond(request, status, comment=comment, counts=counts)
+
+
+def _result(future: Future[RetrieveItem]) -> RetrieveItem:
+    """A fetched item, or SubOperationFailed saying why it could not be read."""
+    try:
+        return future.result()
+    except ReadThroughFailed as e:
+        raise SubOperationFailed(f"cannot read it from the bucket: {e}") from e
+    except Exception as e:  # a bug: that instance fails, the retrieval goes on
+        log.exception("event=read_through_error")
+        raise SubOperationFailed("internal error reading it from the bucket") from e
+
+
+class _FetchAhead:
+    """Bucket reads of a retrieval's evicted instances, started ahead of the sending loop.
+
+    At most `depth` of them are fetched or in flight and not yet sent, so the disk and bucket
+    connections a retrieval takes stay bounded; they are sent in the order of `items`."""
+
+    def __init__(
+        self,
+        items: list[RetrieveItem],
+        fetch: Callable[[RetrieveItem], Future[RetrieveItem]],
+        depth: int,
+    ) -> None:
+        self._items = items
+        self._fetch = fetch
+        self._depth = max(1, depth)
+        self._waiting = collections.deque(i for i, it in enumerate(items) if it.cache_path is None)
+        self._futures: dict[int, Future[RetrieveItem]] = {}
+        self._top_up()
+
+    def ready(self, i: int) -> tuple[RetrieveItem, int]:
+        """(items[i] ready to send, 1 if it was read from the bucket else 0); waits for its
+        fetch. Called for i = 0, 1, 2, ... in turn. Raises SubOperationFailed."""
+        future = self._futures.pop(i, None)
+        self._top_up()
+        if future is None:
+            return self._items[i], 0
+        return _result(future), 1
+
+    def _top_up(self) -> None:
+        while self._waiting and len(self._futures) < self._depth:
+            i = self._waiting.popleft()
+            self._futures[i] = self._fetch(self._items[i])
+
+    def close(self) -> None:
+        """Fetches not started are dropped (those running finish into the cache)."""
+        for future in self._futures.values():
+            future.cancel()
+        self._futures.clear()
+        self._waiting.clear()

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import select
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import Callable
@@ -115,6 +116,11 @@ class TunedSocket(AssociationSocket):
         return bool(readable)
 
 
+def _readable(sock: socket.socket) -> bool:
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
+
+
 class _ProtocolError(Exception):
     """The peer broke the DICOM upper layer protocol: the association is aborted."""
 
@@ -181,8 +187,13 @@ class StoreReceiver(DULServiceProvider):
         """Read and drop what the peer has sent; a closed connection ends the association."""
         sock = self.socket.socket  # type: ignore[union-attr]
         try:
-            data = sock.recv(65536, socket.MSG_DONTWAIT)
-        except BlockingIOError:
+            if isinstance(sock, ssl.SSLSocket):  # TLS takes no recv flags
+                data = sock.recv(65536) if sock.pending() or _readable(sock) else None
+                if data is None:
+                    return
+            else:
+                data = sock.recv(65536, socket.MSG_DONTWAIT)
+        except (BlockingIOError, ssl.SSLWantReadError):
             return
         except OSError:
             data = b""

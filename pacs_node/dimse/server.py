@@ -8,8 +8,10 @@ tiny, so pynetdicom's per-association copy of it costs nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
+import ssl
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -21,7 +23,7 @@ from pynetdicom.sop_class import StorageCommitmentPushModel, Verification
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from pacs_node.audit import AuditLog
-from pacs_node.config import Config
+from pacs_node.config import Config, TlsConfig
 from pacs_node.dimse.access import LOCAL_LIMIT_EXCEEDED, AccessPolicy, Refusal
 from pacs_node.dimse.commitment import CommitmentService
 from pacs_node.dimse.qr import QR_MODELS, QueryRetrieveService
@@ -54,11 +56,15 @@ class _PolicyACSE(ACSE):
     audit: AuditLog
     max_associations: int
 
-    def _established_acceptors(self) -> int:
-        """Only negotiated associations count toward the limit: a connection that has sent
+    def _established_acceptors(self, calling_ae: str | None = None) -> int:
+        """Only negotiated associations count toward the limits: a connection that has sent
         nothing yet (a port probe, a stalled client) must not lock known peers out."""
         return sum(
-            1 for a in self.assoc.ae.active_associations if a.is_acceptor and a.is_established
+            1
+            for a in self.assoc.ae.active_associations
+            if a.is_acceptor
+            and a.is_established
+            and (calling_ae is None or a.requestor.ae_title.strip() == calling_ae)
         )
 
     def _negotiate_as_acceptor(self) -> None:
@@ -67,10 +73,21 @@ class _PolicyACSE(ACSE):
         called = str(request.called_ae_title).strip()
         peer_host = str(self.requestor.address)
         peer = f"{peer_host}:{self.requestor.port}"
+        tls = _tls_fields(self.assoc.dul.socket.socket if self.assoc.dul.socket else None)
         refusal = self.policy.check_association(calling, called, peer_host)
         if refusal is None and self._established_acceptors() >= self.max_associations:
             refusal = Refusal(
                 f"dicom.max_associations ({self.max_associations}) associations are open",
+                *LOCAL_LIMIT_EXCEEDED,
+            )
+        peer_limit = self.policy.peer_limit(calling)
+        if (
+            refusal is None
+            and peer_limit is not None
+            and self._established_acceptors(calling) >= peer_limit
+        ):
+            refusal = Refusal(
+                f"peer {calling!r} already holds its max_associations ({peer_limit})",
                 *LOCAL_LIMIT_EXCEEDED,
             )
         if refusal is None:
@@ -82,6 +99,7 @@ class _PolicyACSE(ACSE):
                     calling_ae=calling,
                     called_ae=called,
                     peer=peer,
+                    **tls,
                 )
             return
         log.warning(
@@ -98,11 +116,54 @@ class _PolicyACSE(ACSE):
             called_ae=called,
             peer=peer,
             reason=refusal.reason,
+            **tls,
         )
         self.requestor.ae_title = request.calling_ae_title
         self.send_reject(refusal.result, refusal.source, refusal.diagnostic)
         evt.trigger(self.assoc, evt.EVT_REJECTED, {})
         self.assoc.kill()
+
+
+_RDN_NAMES = {
+    "commonName": "CN",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "countryName": "C",
+    "localityName": "L",
+    "stateOrProvinceName": "ST",
+}
+
+
+def _tls_fields(sock: socket.socket | None) -> dict[str, str]:
+    """For the audit: the TLS version and the subject of the peer's verified certificate."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return {}
+    fields = {"tls": str(sock.version())}
+    certificate = sock.getpeercert()
+    if certificate:
+        fields["tls_subject"] = ",".join(
+            f"{_RDN_NAMES.get(key, key)}={value}"
+            for rdn in certificate.get("subject", ())
+            for key, value in rdn
+        )
+    return fields
+
+
+def tls_context(config: TlsConfig) -> ssl.SSLContext:
+    """TLS 1.2 minimum; for TLS 1.2 only the BCP 195 (RFC 9325) suites: ECDHE with AES-GCM or
+    ChaCha20-Poly1305 (TLS 1.3 suites are all fine)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:!aNULL:!eNULL:!SHA1")
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    assert config.certificate is not None and config.private_key is not None
+    context.load_cert_chain(str(config.certificate), str(config.private_key))
+    if config.ca_certificates is not None:
+        context.load_verify_locations(cafile=str(config.ca_certificates))
+        context.verify_mode = (
+            ssl.CERT_REQUIRED if config.require_client_certificate else ssl.CERT_OPTIONAL
+        )
+    return context
 
 
 def _audit(audit: AuditLog, event: str, **fields: Any) -> None:
@@ -113,9 +174,32 @@ def _audit(audit: AuditLog, event: str, **fields: Any) -> None:
 
 
 class _NodeRequestHandler(RequestHandler):
-    """Per connection: TCP tuning, the streaming DUL, and the policy-checking ACSE."""
+    """Per connection: TLS handshake, TCP tuning, the streaming DUL, the policy-checking ACSE."""
 
     server: _NodeServer
+
+    def handle(self) -> None:
+        sock = self.request
+        if isinstance(sock, ssl.SSLSocket) and not self._tls_handshake(sock):
+            return
+        super().handle()
+
+    def _tls_handshake(self, sock: ssl.SSLSocket) -> bool:
+        """Here, on the connection's own thread and with a deadline: a client that connects
+        and never speaks (or speaks plain DICOM, or HTTP) cannot hold up anyone else."""
+        node = self.server.node
+        peer = f"{self.client_address[0]}:{self.client_address[1]}"
+        sock.settimeout(node.config.tls.handshake_timeout_s)
+        try:
+            sock.do_handshake()
+            return True
+        except (ssl.SSLError, OSError) as e:
+            reason = f"{type(e).__name__}: {e}"
+            log.warning("event=tls_handshake_failed peer=%s reason=%r", peer, reason)
+            _audit(node.audit, "tls_handshake_failed", peer=peer, reason=reason)
+            with contextlib.suppress(OSError):
+                sock.close()
+            return False
 
     def _create_association(self) -> Association:
         node = self.server.node
@@ -150,7 +234,30 @@ class _NodeRequestHandler(RequestHandler):
 
 class _NodeServer(ThreadedAssociationServer):
     node: DicomServer
+    tls_context: ssl.SSLContext | None = None
     daemon_threads = True
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Beyond dicom.max_connections open connections a new one is closed at once."""
+        limit = self.node.config.dicom.max_connections
+        if self.node.active_associations() >= limit:
+            log.warning(
+                "event=connection_refused peer=%s reason=dicom.max_connections (%d) reached",
+                client_address[0],
+                limit,
+            )
+            return False
+        return True
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = self.socket.accept()
+        if self.tls_context is not None:
+            # pynetdicom would handshake here, on the accepting thread, with no deadline:
+            # one silent client would stop every other connection. Deferred to the handler.
+            client = self.tls_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False
+            )
+        return client, address
 
 
 class DicomServer:
@@ -174,6 +281,8 @@ class DicomServer:
         self._ae: AE | None = None
         self._server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
+        self._tls_server: ThreadedAssociationServer | None = None
+        self._tls_thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
@@ -185,9 +294,10 @@ class DicomServer:
         d = self.config.dicom
         ae = AE(ae_title=d.ae_title)
         ae.maximum_pdu_size = d.max_pdu_size
-        # pynetdicom counts every accepted connection, negotiated or not; the real limit on
-        # negotiated associations is applied in _PolicyACSE. This only bounds the threads.
-        ae.maximum_associations = d.max_associations * 8
+        # pynetdicom counts every accepted connection, negotiated or not, against this; the
+        # limit on negotiated associations is _PolicyACSE's, the one on connections
+        # _NodeServer.verify_request's. So pynetdicom's own must never bite first.
+        ae.maximum_associations = d.max_connections + 1
         ae.acse_timeout = d.acse_timeout_s
         ae.dimse_timeout = d.dimse_timeout_s
         ae.network_timeout = d.network_timeout_s
@@ -204,20 +314,48 @@ class DicomServer:
             (evt.EVT_N_ACTION, self.commitment.on_n_action),
             (evt.EVT_DIMSE_SENT, self.commitment.on_dimse_sent),
         ]
+        # A bad certificate or key stops the start, before anything listens.
+        context = tls_context(self.config.tls) if self.config.tls.enabled else None
+        self._ae = ae
+        self._server, self._thread = self._listen(ae, (d.host, d.port), handlers, None)
+        log.info("event=listening ae_title=%s host=%s port=%d", d.ae_title, d.host, self.port)
+        if context is not None:
+            self._tls_server, self._tls_thread = self._listen(
+                ae, (d.host, self.config.tls.port), handlers, context
+            )
+            log.info(
+                "event=listening_tls ae_title=%s host=%s port=%d client_certificates=%s",
+                d.ae_title,
+                d.host,
+                self.tls_port,
+                "required" if self.config.tls.require_client_certificate else "optional",
+            )
+
+    def _listen(
+        self,
+        ae: AE,
+        address: tuple[str, int],
+        handlers: list[Any],
+        context: ssl.SSLContext | None,
+    ) -> tuple[_NodeServer, threading.Thread]:
         server = ae.make_server(
-            (d.host, d.port),
+            address,
             evt_handlers=handlers,
             server_class=_NodeServer,
             request_handler=_NodeRequestHandler,
         )
         server.node = self  # type: ignore[attr-defined]
+        server.tls_context = context  # type: ignore[attr-defined]
         ae._servers.append(server)  # so AE.shutdown() and server.shutdown() find it
-        self._thread = threading.Thread(
-            target=server.serve_forever, name="dicom-accept", daemon=True
-        )
-        self._thread.start()
-        self._ae, self._server = ae, server
-        log.info("event=listening ae_title=%s host=%s port=%d", d.ae_title, d.host, self.port)
+        name = "dicom-accept-tls" if context else "dicom-accept"
+        thread = threading.Thread(target=server.serve_forever, name=name, daemon=True)
+        thread.start()
+        return server, thread  # type: ignore[return-value]
+
+    @property
+    def tls_port(self) -> int:
+        assert self._tls_server is not None
+        return self._tls_server.server_address[1]
 
     def _on_echo(self, event: evt.Event) -> int:
         calling = event.assoc.requestor.ae_title.strip()
@@ -225,7 +363,13 @@ class DicomServer:
             return NOT_AUTHORIZED
         return SUCCESS
 
+    def accepting(self) -> bool:
+        """The accept loops run (the watchdog is fed only while they do)."""
+        threads = [t for t in (self._thread, self._tls_thread) if t is not None]
+        return bool(threads) and all(t.is_alive() for t in threads)
+
     def active_associations(self) -> int:
+        """Accepted connections whose thread still runs, negotiated or not."""
         return len(self._ae.active_associations) if self._ae else 0
 
     def stop(self, drain_timeout_s: float = 30.0) -> None:
@@ -238,6 +382,8 @@ class DicomServer:
         if self._server is None or self._ae is None:
             return
         self._server.shutdown()  # closes the listening socket; established ones go on
+        if self._tls_server is not None:
+            self._tls_server.shutdown()
         receivers = [
             assoc.dul
             for assoc in self._ae.active_associations

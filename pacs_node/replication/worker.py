@@ -29,6 +29,7 @@ from pacs_node.storage.bucket import (
     instance_key,
 )
 from pacs_node.storage.cache import Cache
+from pacs_node.storage.layout import locate
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,16 @@ class CachedCopyCorrupt(PermanentTargetError):
         super().__init__(
             f"the cached file {cache_path} does not match its indexed SHA-256; not uploaded "
             "(run `pacs-node verify` to heal it from a verified copy)"
+        )
+
+
+class EvictedAndNotInBucket(PermanentTargetError):
+    """A job for an instance with no cached file, and the bucket does not hold it either."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(
+            f"the instance is not in the cache (evicted) and the bucket has no copy of it under "
+            f"{key} with its SHA-256: there is nothing to replicate it from"
         )
 
 
@@ -115,6 +126,12 @@ class Replicator:
             self._config.workers,
         )
 
+    def dead_workers(self) -> int:
+        """Worker threads that ended while the node runs (a bug): the watchdog's concern."""
+        if self._stopping.is_set():
+            return 0
+        return sum(1 for thread in self._threads if not thread.is_alive())
+
     def wake(self) -> None:
         """New work was queued (called after an instance is stored)."""
         self._last_ingest = time.monotonic()
@@ -168,8 +185,10 @@ class Replicator:
     def _replicate(self, owner: str, job: ClaimedJob) -> None:
         started = time.perf_counter()
         if job.cache_path is None:
-            # Only verified copies are ever evicted, so this job was already done.
-            self._index.ack_job(job.job_id, owner)
+            # Evicted (only verified copies are) or restored without a cache: nothing to upload.
+            # A resync re-queues a job when the bucket copy went missing, so acknowledge only
+            # if the bucket holds this instance.
+            self._confirm_remote(owner, job)
             return
         key = instance_key(self._config.prefix, job.cache_path)
         try:
@@ -204,6 +223,28 @@ class Replicator:
             remote.size,
             (time.perf_counter() - started) * 1000,
         )
+
+    def _confirm_remote(self, owner: str, job: ClaimedJob) -> None:
+        try:
+            location = locate(job.study_uid, job.series_uid, job.sop_uid, job.version)
+        except ValueError as e:  # InvalidUID: a row this node would never have written
+            self._failed(owner, job, "-", PermanentTargetError(f"no object key for it: {e}"))
+            return
+        key = instance_key(self._config.prefix, str(location.relative_path()))
+        try:
+            remote = self.target.head(key)
+        except TargetError as e:
+            self._failed(owner, job, key, e)
+            return
+        if (
+            remote is None
+            or remote.meta is None
+            or remote.meta.sha256 != job.sha256
+            or remote.size != job.file_size
+        ):
+            self._failed(owner, job, key, EvictedAndNotInBucket(key))
+            return
+        self._index.ack_job(job.job_id, owner)
 
     def _failed(self, owner: str, job: ClaimedJob, key: str, error: Exception) -> None:
         permanent = isinstance(error, PermanentTargetError)
