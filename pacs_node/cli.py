@@ -12,7 +12,6 @@ import socket
 import ssl
 import sys
 import threading
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import wraps
@@ -27,6 +26,7 @@ from pacs_node.config import Config, ConfigError, load_config, with_overrides
 from pacs_node.export.command import export_command
 from pacs_node.index import Index, IndexFailure
 from pacs_node.node import REPLICATION_OFF_WARNING, Node, describe_target, target_settings
+from pacs_node.progress import ProgressBar
 from pacs_node.replication.drill import DrillReport
 from pacs_node.replication.drill import drill as run_drill
 from pacs_node.replication.reconcile import resync as resync_bucket
@@ -259,55 +259,6 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-class _ProgressBar:
-    """The replication tools' progress on stderr: click's bar on a terminal, else a line
-    every few seconds (a log file or a pipe gets no control characters)."""
-
-    _EVERY_S = 5.0
-
-    def __init__(self) -> None:
-        self._tty = sys.stderr.isatty()
-        self._bar: Any = None
-        self._label = ""
-        self._total: int | None = None
-        self._done = 0
-        self._last = 0.0
-        self._started = 0.0
-
-    def begin(self, label: str, total: int | None) -> None:
-        self._label, self._total, self._done = label, total, 0
-        self._last = self._started = time.monotonic()
-        if self._tty and total is not None:
-            self._bar = click.progressbar(length=total, label=label, file=sys.stderr)
-            self._bar.__enter__()
-
-    def advance(self, n: int = 1) -> None:
-        self._done += n
-        if self._bar is not None:
-            if time.monotonic() - self._last >= 1.0:
-                self._last = time.monotonic()
-                self._bar.label = f"{self._label} ({self._rate():.0f}/s)"
-            self._bar.update(n)
-        elif time.monotonic() - self._last >= self._EVERY_S:
-            self._last = time.monotonic()
-            self._line()
-
-    def _rate(self) -> float:
-        elapsed = time.monotonic() - self._started
-        return self._done / elapsed if elapsed > 0 else 0.0
-
-    def end(self) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(None, None, None)
-            self._bar = None
-        else:
-            self._line()
-
-    def _line(self) -> None:
-        of = f"/{self._total}" if self._total is not None else ""
-        click.echo(f"{self._label}: {self._done}{of} ({self._rate():.0f}/s)", err=True)
-
-
 def _replication_target(config: Config, command: str) -> ReplicationTarget:
     """The configured target, or exit 2 when there is none or its settings are invalid."""
     r = config.replication
@@ -371,7 +322,7 @@ def resync(config: Config, dry_run: bool) -> None:
             target,
             config.replication.prefix,
             dry_run=dry_run,
-            progress=_ProgressBar(),
+            progress=ProgressBar(),
         )
         if not dry_run and (report.requeued or report.unknown or report.unrepairable):
             _audit_event(config, "resync_completed", target=where, **report.counts())
@@ -476,7 +427,7 @@ def verify(config: Config, sample: int | None, check_all: bool, no_bucket: bool)
             config.replication.prefix,
             audit,
             sample=sample,
-            progress=_ProgressBar(),
+            progress=ProgressBar(),
         )
     except TargetError as e:
         # Heals and re-enqueues done before the failure stand (each is in the audit).
@@ -617,7 +568,7 @@ def restore(
             config.replication.prefix,
             path,
             options=options,
-            progress=_ProgressBar(),
+            progress=ProgressBar(),
             busy_timeout_s=config.index.busy_timeout_s,
         )
     except NothingToRestore as e:
@@ -757,7 +708,7 @@ def drill(
             scratch=scratch,
             keep=keep,
             options=options,
-            progress=_ProgressBar(),
+            progress=ProgressBar(),
             busy_timeout_s=config.index.busy_timeout_s,
         )
     except (NothingToRestore, RestoreError, IndexFailure, OSError, ValueError) as e:

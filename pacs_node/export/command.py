@@ -11,10 +11,8 @@ import logging
 import os
 import re
 import sys
-import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -32,6 +30,7 @@ from pacs_node.export.run import (
 )
 from pacs_node.export.select import Selection, SelectionError
 from pacs_node.export.state import StateError
+from pacs_node.progress import ProgressBar
 from pacs_node.storage.export_target import (
     MAX_PRESIGN_S,
     ExportTargetError,
@@ -43,43 +42,6 @@ EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 KEY_ENV = "PACS_NODE_PSEUDONYM_KEY"
 _DURATION_RE = re.compile(r"^(\d+)([smhd]?)$")
-
-
-class _ProgressBar:
-    """click's bar on a terminal; elsewhere (a log, a pipe) a line every few seconds."""
-
-    _EVERY_S = 5.0
-
-    def __init__(self) -> None:
-        self._tty = sys.stderr.isatty()
-        self._bar: Any = None
-        self._label, self._total, self._done, self._last = "", None, 0, 0.0
-
-    def begin(self, label: str, total: int | None) -> None:
-        self._label, self._total, self._done = label, total, 0
-        self._last = time.monotonic()
-        if self._tty and total:
-            self._bar = click.progressbar(length=total, label=label, file=sys.stderr)
-            self._bar.__enter__()
-
-    def advance(self, n: int = 1) -> None:
-        self._done += n
-        if self._bar is not None:
-            self._bar.update(n)
-        elif time.monotonic() - self._last >= self._EVERY_S:
-            self._last = time.monotonic()
-            self._line()
-
-    def end(self) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(None, None, None)
-            self._bar = None
-        else:
-            self._line()
-
-    def _line(self) -> None:
-        of = f"/{self._total}" if self._total is not None else ""
-        click.echo(f"{self._label}: {self._done}{of}", err=True)
 
 
 def _fail(message: str, code: int) -> None:
@@ -273,7 +235,7 @@ def export_command(
     )
     request.export_id = request.export_id or derive_export_id(request)
     try:
-        report = run_export(config, request, progress=_ProgressBar())
+        report = run_export(config, request, progress=ProgressBar())
     except (StateError, SelectionError, DestinationRefused) as e:
         _fail(f"usage error: {e}", EXIT_CONFIG)
     except ExportError as e:
