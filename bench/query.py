@@ -11,6 +11,8 @@ time are printed, process start included (quiet, because findscu's console print
 answers costs it more than the node's work; one untimed verbose run counts the matches); so is
 one `echoscu` round trip against the node and against DCMTK's `storescp` in the same run (the
 difference is the node's association cost).
+Each query is also timed with an in-process client (new association, C-FIND, every response
+read, release: what a viewer waits for, without a process start or findscu's own parsing).
 
 Runs only on 127.0.0.1; every loop is bounded by --repeat.
 """
@@ -22,11 +24,15 @@ import os
 import shutil
 import sqlite3
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pynetdicom.dsutils import encode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -34,6 +40,76 @@ sys.path.insert(0, str(ROOT))
 from bench.ingest import DCMTK, free_port  # noqa: E402
 from bench.query_fill import fill_index  # noqa: E402
 from bench.retrieve import ENV, Process  # noqa: E402
+from pacs_node.dimse.messages import (  # noqa: E402
+    C_FIND_RQ,
+    COMMAND_FIELD,
+    STATUS,
+    MessageWriter,
+    encode_command,
+    parse_command_set,
+    send_buffers,
+    uid_value,
+    us,
+)
+from pacs_node.dimse.send import Destination, StoreAssociation  # noqa: E402
+
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+def find_in_process(port: int, keys: list[str]) -> tuple[float, int]:
+    """One C-FIND as a viewer sends it, on a new association, without a process start:
+    A-ASSOCIATE, C-FIND-RQ, every response read, A-RELEASE. Returns (seconds, matches)."""
+    identifier = Dataset()
+    for key in keys:
+        if key == "-k":
+            continue
+        keyword, _, value = key.partition("=")
+        setattr(identifier, keyword, value)
+    started = time.perf_counter()
+    association = StoreAssociation(
+        Destination("PACS_NODE", "127.0.0.1", port),
+        calling_ae="BENCH",
+        proposals=[(STUDY_ROOT_FIND, (EXPLICIT_LE,))],
+        timeout_s=10,
+        max_pdu=262_144,
+    )
+    association.open()
+    sock = association._sock  # the bench reuses the node's requestor for the association
+    assert sock is not None
+    writer = MessageWriter(lambda buffers: send_buffers(sock, buffers), 262_144)
+    writer.command(
+        1,
+        encode_command(
+            [
+                (0x0002, uid_value(STUDY_ROOT_FIND)),
+                (COMMAND_FIELD, struct.pack("<H", C_FIND_RQ)),
+                (0x0110, struct.pack("<H", 1)),
+                (0x0700, struct.pack("<H", 0)),
+                (0x0800, struct.pack("<H", 1)),
+            ]
+        ),
+    )
+    writer.dataset(1, [encode(identifier, False, True)])
+    matches, command = 0, bytearray()
+    while True:
+        pdu_type, body = association._read_pdu()
+        assert pdu_type == 4, f"unexpected PDU {pdu_type}"
+        offset = 0
+        while offset < len(body):
+            length = struct.unpack_from(">L", body, offset)[0]
+            control = body[offset + 5]
+            if control & 1:
+                command += body[offset + 6 : offset + 4 + length]
+                if control & 2:
+                    status = us(parse_command_set(bytes(command)).get(STATUS))
+                    command = bytearray()
+                    if status in (0xFF00, 0xFF01):
+                        matches += 1
+                    else:
+                        association.release()
+                        return time.perf_counter() - started, matches
+            offset += 4 + length
 
 
 def timed(cmd: list[str]) -> tuple[float, str]:
@@ -138,7 +214,11 @@ def main() -> None:
         f"process and association; {os.cpu_count()} cores"
     )
     try:
-        print(f"{'query':34} {'matches':>7} {'median ms':>9} {'p95 ms':>7}")
+        print(
+            f"{'':34} {'':>7} {'findscu process':>17} {'in-process client':>17}\n"
+            f"{'query':34} {'matches':>7} {'median ms':>9} {'p95 ms':>7} "
+            f"{'median ms':>9} {'p95 ms':>7}"
+        )
         for name, keys in queries.items():
             _, output = timed([*find, "-v", *keys, "127.0.0.1", str(port)])
             matches = output.count("(Pending)")
@@ -146,9 +226,13 @@ def main() -> None:
                 timed([*find, "-q", *keys, "127.0.0.1", str(port)])[0] * 1000
                 for _ in range(args.repeat)
             ]
+            runs = [find_in_process(port, keys[1:]) for _ in range(args.repeat)]
+            assert all(found == matches for _, found in runs), "the two clients disagree"
+            direct = [seconds * 1000 for seconds, _ in runs]
             print(
                 f"{name:34} {matches:>7} {statistics.median(times):>9.1f} "
-                f"{percentile(times, 0.95):>7.1f}"
+                f"{percentile(times, 0.95):>7.1f} {statistics.median(direct):>9.1f} "
+                f"{percentile(direct, 0.95):>7.1f}"
             )
         for label, target_port, ae in (
             ("echoscu -> pacs-node", port, "PACS_NODE"),
