@@ -6,7 +6,7 @@ import logging
 import sqlite3
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -62,6 +62,63 @@ def _translate_errors(what: str) -> Iterator[None]:
         raise IndexFailure(f"{what}: {e}") from e
 
 
+def insert_statement(model: type[pw.Model], names: Iterable[str]) -> str:
+    """`INSERT INTO <table> (<columns>) VALUES (?, ...)` from the model's own names."""
+    meta = model._meta  # type: ignore[attr-defined]
+    columns = [meta.fields[name].column_name for name in names]
+    return (
+        f"INSERT INTO {meta.table_name} ({', '.join(columns)}) "
+        f"VALUES ({', '.join('?' for _ in columns)})"
+    )
+
+
+def job_insert_statement(job: type[pw.Model], state: str) -> str:
+    """A replication job row for (instance id, created_at), in `state` ("pending" or "done")."""
+    f = job._meta.fields  # type: ignore[attr-defined]
+    return (
+        f"INSERT INTO {job._meta.table_name} ({f['instance'].column_name}, "  # type: ignore[attr-defined]
+        f"{f['state'].column_name}, {f['attempts'].column_name}, "
+        f"{f['created_at'].column_name}) VALUES (?, '{state}', 0, ?)"
+    )
+
+
+def patient_fields(a: InstanceAttributes) -> dict[str, object]:
+    """The patient row an instance's attributes make (ingest and restore write the same)."""
+    return {
+        "patient_id": a.patient_id,
+        "issuer_of_patient_id": a.issuer_of_patient_id,
+        "patient_name": a.patient_name,
+        "patient_birth_date": a.patient_birth_date,
+        "patient_sex": a.patient_sex,
+        "specific_character_set": a.specific_character_set,
+    }
+
+
+def study_fields(a: InstanceAttributes, patient_id: int) -> dict[str, object]:
+    return {
+        "patient": patient_id,
+        "study_uid": a.study_uid,
+        "study_date": a.study_date,
+        "study_time": a.study_time,
+        "accession_number": a.accession_number,
+        "study_id": a.study_id,
+        "study_description": a.study_description,
+        "referring_physician_name": a.referring_physician_name,
+        "specific_character_set": a.specific_character_set,
+    }
+
+
+def series_fields(a: InstanceAttributes, study_id: int) -> dict[str, object]:
+    return {
+        "study": study_id,
+        "series_uid": a.series_uid,
+        "modality": a.modality,
+        "series_number": a.series_number,
+        "series_description": a.series_description,
+        "body_part_examined": a.body_part_examined,
+    }
+
+
 class _IdCache:
     """Small LRU of UID -> row id for patients, studies and series (rows are never deleted
     while the node runs), so the common case of many instances per series skips the lookups."""
@@ -114,12 +171,7 @@ class _HotSql:
 
     def __init__(self, m: Models) -> None:
         instance = m.Instance._meta
-        job = m.ReplicationJob._meta
-        columns = [instance.fields[name].column_name for name in self.INSTANCE_COLUMNS]
-        self.insert_instance = (
-            f"INSERT INTO {instance.table_name} ({', '.join(columns)}) "
-            f"VALUES ({', '.join('?' for _ in columns)})"
-        )
+        self.insert_instance = insert_statement(m.Instance, self.INSTANCE_COLUMNS)
         f = instance.fields
         self.versions_of = (
             f"SELECT {f['sop_uid'].column_name}, {f['version'].column_name}, "
@@ -127,12 +179,7 @@ class _HotSql:
             f"{f['file_size'].column_name} FROM {instance.table_name} "
             f"WHERE {f['sop_uid'].column_name} = ? ORDER BY {f['version'].column_name}"
         )
-        jf = job.fields
-        self.insert_job = (
-            f"INSERT INTO {job.table_name} ({jf['instance'].column_name}, "
-            f"{jf['state'].column_name}, {jf['attempts'].column_name}, "
-            f"{jf['created_at'].column_name}) VALUES (?, 'pending', 0, ?)"
-        )
+        self.insert_job = job_insert_statement(m.ReplicationJob, "pending")
 
 
 class Index:
@@ -257,14 +304,7 @@ class Index:
             ("patient", a.patient_id, a.issuer_of_patient_id),
             P,
             (P.patient_id == a.patient_id) & (P.issuer_of_patient_id == a.issuer_of_patient_id),
-            {
-                "patient_id": a.patient_id,
-                "issuer_of_patient_id": a.issuer_of_patient_id,
-                "patient_name": a.patient_name,
-                "patient_birth_date": a.patient_birth_date,
-                "patient_sex": a.patient_sex,
-                "specific_character_set": a.specific_character_set,
-            },
+            patient_fields(a),
             created,
         )
 
@@ -274,17 +314,7 @@ class Index:
             ("study", a.study_uid),
             Study,
             Study.study_uid == a.study_uid,
-            {
-                "patient": patient_id,
-                "study_uid": a.study_uid,
-                "study_date": a.study_date,
-                "study_time": a.study_time,
-                "accession_number": a.accession_number,
-                "study_id": a.study_id,
-                "study_description": a.study_description,
-                "referring_physician_name": a.referring_physician_name,
-                "specific_character_set": a.specific_character_set,
-            },
+            study_fields(a, patient_id),
             created,
         )
 
@@ -294,14 +324,7 @@ class Index:
             ("series", a.series_uid),
             Series,
             Series.series_uid == a.series_uid,
-            {
-                "study": study_id,
-                "series_uid": a.series_uid,
-                "modality": a.modality,
-                "series_number": a.series_number,
-                "series_description": a.series_description,
-                "body_part_examined": a.body_part_examined,
-            },
+            series_fields(a, study_id),
             created,
         )
 

@@ -27,7 +27,17 @@ from typing import Any
 
 import peewee as pw
 
-from pacs_node.index.catalog import Index, IndexFailure, _as_datetime, _translate_errors
+from pacs_node.index.catalog import (
+    Index,
+    IndexFailure,
+    _as_datetime,
+    _translate_errors,
+    insert_statement,
+    job_insert_statement,
+    patient_fields,
+    series_fields,
+    study_fields,
+)
 from pacs_node.index.records import InstanceAttributes
 from pacs_node.index.schema import SCHEMA_VERSION, Models, build_models
 
@@ -255,9 +265,9 @@ class RestoreWriter:
         self._m = m
         self._known: dict[tuple[str, ...], _Known] = {}
         Inst, Job = m.Instance, m.ReplicationJob
-        columns = [
-            _col(Inst, name)
-            for name in (
+        self._insert_instance = insert_statement(
+            Inst,
+            (
                 "series",
                 "sop_uid",
                 "version",
@@ -274,16 +284,9 @@ class RestoreWriter:
                 "peer_address",
                 "replicated_at",
                 "needs_review",
-            )
-        ]
-        self._insert_instance = (
-            f"INSERT INTO {_table(Inst)} ({', '.join(columns)}) "
-            f"VALUES ({', '.join('?' for _ in columns)})"
+            ),
         )
-        self._insert_job = (
-            f"INSERT INTO {_table(Job)} ({_col(Job, 'instance')}, {_col(Job, 'state')}, "
-            f"{_col(Job, 'attempts')}, {_col(Job, 'created_at')}) VALUES (?, 'done', 0, ?)"
-        )
+        self._insert_job = job_insert_statement(Job, "done")
 
     def add(self, items: Sequence[RestoredInstance], replicated_at: datetime) -> AddResult:
         """Index `items` (evicted, replicated at `replicated_at`, job done) in ONE transaction.
@@ -350,14 +353,7 @@ class RestoreWriter:
             Ser,
             Ser.series_uid == a.series_uid,
             item.order,
-            {
-                "study": study_id,
-                "series_uid": a.series_uid,
-                "modality": a.modality,
-                "series_number": a.series_number,
-                "series_description": a.series_description,
-                "body_part_examined": a.body_part_examined,
-            },
+            series_fields(a, study_id),
         )
 
     def _study_row(self, item: RestoredInstance) -> int:
@@ -369,17 +365,7 @@ class RestoreWriter:
             Stu,
             Stu.study_uid == a.study_uid,
             item.order,
-            {
-                "patient": patient_id,
-                "study_uid": a.study_uid,
-                "study_date": a.study_date,
-                "study_time": a.study_time,
-                "accession_number": a.accession_number,
-                "study_id": a.study_id,
-                "study_description": a.study_description,
-                "referring_physician_name": a.referring_physician_name,
-                "specific_character_set": a.specific_character_set,
-            },
+            study_fields(a, patient_id),
         )
 
     def _patient_row(self, item: RestoredInstance) -> int:
@@ -390,14 +376,7 @@ class RestoreWriter:
             Pat,
             (Pat.patient_id == a.patient_id) & (Pat.issuer_of_patient_id == a.issuer_of_patient_id),
             item.order,
-            {
-                "patient_id": a.patient_id,
-                "issuer_of_patient_id": a.issuer_of_patient_id,
-                "patient_name": a.patient_name,
-                "patient_birth_date": a.patient_birth_date,
-                "patient_sex": a.patient_sex,
-                "specific_character_set": a.specific_character_set,
-            },
+            patient_fields(a),
         )
 
     def _upsert(

@@ -45,6 +45,17 @@ _MD5_RE = re.compile(r"^[0-9a-f]{32}$")
 _REQUEUE_BATCH = 500
 
 
+def _identity(copy: IndexedCopy) -> dict[str, object]:
+    """What every audit record of verify says about the instance it concerns."""
+    return {
+        "sop_uid": copy.sop_uid,
+        "version": copy.version,
+        "study_uid": copy.study_uid,
+        "series_uid": copy.series_uid,
+        "cache_path": copy.cache_path,
+    }
+
+
 @dataclass(frozen=True)
 class Unrecoverable:
     sop_uid: str
@@ -243,11 +254,7 @@ class _Verifier:
         )
         self._audit.record(
             "instance_healed",
-            sop_uid=copy.sop_uid,
-            version=copy.version,
-            study_uid=copy.study_uid,
-            series_uid=copy.series_uid,
-            cache_path=copy.cache_path,
+            **_identity(copy),
             reason=f"cache_{state}",
             source=self._target.description,
             key=key,
@@ -344,10 +351,6 @@ class _Verifier:
         )
         self._audit.record(
             "instance_unrecoverable",
-            sop_uid=copy.sop_uid,
-            version=copy.version,
-            study_uid=copy.study_uid,
-            series_uid=copy.series_uid,
-            cache_path=copy.cache_path,
+            **_identity(copy),
             reason=reason,
         )

@@ -28,7 +28,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -627,23 +627,7 @@ class S3Target:
         digest = _digest_file(path, part_size)
         if digest.size != size:
             raise TransientTargetError(f"put key={key}: {path.name} changed while being read")
-        put = _Put(key, path, meta, digest, lock_args)
-        if self._conditional:
-            try:
-                self._upload(put, if_none_match=True)
-            except _ConditionalUnsupported:
-                with self._lock:
-                    self._conditional = False
-                log.warning(
-                    "bucket_conditional_write_unsupported target=%s fallback=head-first",
-                    self.description,
-                )
-                return self._put_head_first(put)
-            except _PreconditionFailed:
-                return self._resolve_existing(put)
-        else:
-            return self._put_head_first(put)
-        return self._verify(put)
+        return self._put_new(_Put(key, path, meta, digest, lock_args), self._resolve_existing)
 
     def head(self, key: str) -> RemoteObject | None:
         try:
@@ -708,18 +692,7 @@ class S3Target:
         another one: the same bytes already there are an idempotent success, other bytes raise
         ObjectConflict. Verified against what the server computed, as instances are."""
         digest = _digest_file(path, self._part_size(_file_size(path)))
-        put = _Put(key, path, None, digest)
-        if not self._conditional:
-            return self._put_plain_head_first(put)
-        try:
-            self._upload(put, if_none_match=True)
-        except _ConditionalUnsupported:
-            with self._lock:
-                self._conditional = False
-            return self._put_plain_head_first(put)
-        except _PreconditionFailed:
-            return self._existing_plain(put)
-        return self._verify(put)
+        return self._put_new(_Put(key, path, None, digest), self._existing_plain)
 
     def read_prefix(self, key: str, length: int) -> ObjectPrefix | None:
         """The first `length` bytes of the object with its size and metadata, from ONE ranged
@@ -792,12 +765,6 @@ class S3Target:
                 Bucket=self.settings.bucket, Key=key, **self._sse_c_args
             )
         return {k.lower(): v for k, v in (response.get("Metadata") or {}).items()}
-
-    def _put_plain_head_first(self, put: _Put) -> RemoteObject:
-        if self.head(put.key) is not None:
-            return self._existing_plain(put)
-        self._upload(put)
-        return self._verify(put)
 
     def _existing_plain(self, put: _Put) -> RemoteObject:
         existing = self.head(put.key)
@@ -948,10 +915,26 @@ class S3Target:
                 "bucket_multipart_abort_failed key=%s error=%s", key, _one_line(str(e), 120)
             )
 
-    def _put_head_first(self, put: _Put) -> RemoteObject:
-        """For stores without conditional writes: look, then write (one writer per key)."""
+    def _put_new(self, put: _Put, on_existing: Callable[[_Put], RemoteObject]) -> RemoteObject:
+        """Write `put` where nothing lives yet; when something does, `on_existing` decides.
+        A conditional write (If-None-Match) where the store supports it; else look, then write
+        (stores without conditional writes have one writer per key)."""
+        if self._conditional:
+            try:
+                self._upload(put, if_none_match=True)
+            except _ConditionalUnsupported:
+                with self._lock:
+                    self._conditional = False
+                log.warning(
+                    "bucket_conditional_write_unsupported target=%s fallback=head-first",
+                    self.description,
+                )
+            except _PreconditionFailed:
+                return on_existing(put)
+            else:
+                return self._verify(put)
         if self.head(put.key) is not None:
-            return self._resolve_existing(put)
+            return on_existing(put)
         self._upload(put)
         return self._verify(put)
 
