@@ -297,8 +297,9 @@ class QRSession:
                 finally:
                     self._current = None
                     self._open.pop(request.message_id, None)
-        except OSError:
-            pass
+        except OSError as e:  # the failure answer itself could not be sent
+            log.info("event=qr_connection_lost peer=%s error=%s", self._channel.peer, e)
+            self._channel.disconnect()
 
     def _serve(self, request: _Request) -> None:
         context = self._channel.contexts.get(request.context_id)

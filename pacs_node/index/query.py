@@ -24,6 +24,7 @@ matched independently of each other).
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ import peewee as pw
 
 from pacs_node.index.records import RetrieveItem
 from pacs_node.index.schema import Models
+
+log = logging.getLogger(__name__)
 
 LEVELS: tuple[str, ...] = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 QUERY_MODELS: tuple[str, ...] = ("PATIENT", "STUDY")  # Patient Root, Study Root
@@ -337,7 +340,8 @@ def _pn_match_sql(stored: str | None, query: str, case_insensitive: int) -> int:
     # Called by SQLite: must not raise (it would fail the whole query).
     try:
         return int(pn_matches(stored or "", query, bool(case_insensitive)))
-    except Exception:
+    except Exception:  # a bug: this row does not match, and the log says why
+        log.exception("event=pn_match_error")
         return 0
 
 
