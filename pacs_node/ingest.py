@@ -89,9 +89,9 @@ class Reception:
     incoming: IncomingFile
     started: float
 
-    def write(self, chunk: bytes | memoryview) -> None:
+    def write(self, chunk: bytes | memoryview, *, last: bool = False) -> None:
         try:
-            self.incoming.write(chunk)
+            self.incoming.write(chunk, last=last)
         except ObjectTooLarge as e:
             raise IngestFailure(FailureKind.TOO_LARGE, str(e)) from e
         except CacheFull as e:

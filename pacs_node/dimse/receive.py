@@ -293,7 +293,7 @@ class StoreReceiver(DULServiceProvider):
             if is_command or context_id != self._context_id:
                 raise _ProtocolError("a new message started before the dataset ended")
             if self._mode == _STORE:
-                self._write(data)
+                self._write(data, bool(is_last))
             if is_last:
                 self._finish()
             return
@@ -431,10 +431,10 @@ class StoreReceiver(DULServiceProvider):
             self._failure = e
             self._mode = _DRAIN  # read and drop the dataset, then answer the failure
 
-    def _write(self, data: memoryview) -> None:
+    def _write(self, data: memoryview, last: bool) -> None:
         assert self._reception is not None
         try:
-            self._reception.write(data)
+            self._reception.write(data, last=last)
         except IngestFailure as e:
             self._failure = e  # the file is already discarded
             self._reception = None
