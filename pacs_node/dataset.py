@@ -9,6 +9,7 @@ the format leaves no other way to walk them).
 from __future__ import annotations
 
 import io
+import struct
 import zlib
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -96,8 +97,96 @@ def read_attributes(path: str, dataset_offset: int, transfer_syntax_uid: str) ->
             start = dataset_offset
             end = raw.seek(0, io.SEEK_END)
             raw.seek(start)
+            if encoding.little_endian:
+                fast = _walk_common(raw, encoding.implicit_vr, start, end)
+                if fast is not None:
+                    return _attributes(fast)
+                raw.seek(start)
         wanted = _walk(fp, encoding, start, end)
     return _attributes(wanted)
+
+
+# Explicit VRs with a 4-byte length (PS3.5 7.1.2); any other known VR has a 2-byte one.
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_SHORT_VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT PN SH SL SS ST TM UI UL US".split())
+_PIXEL_DATA = 0x7FE0_0010
+_ITEM, _SEQUENCE_END = 0xFFFE_E000, 0xFFFE_E0DD
+_UNDEFINED = 0xFFFF_FFFF
+_header = struct.Struct("<HH")
+_short_header = struct.Struct("<HH2sH")
+_uint32 = struct.Struct("<L")
+
+
+def _walk_common(
+    fp: BinaryIO, implicit_vr: bool, start: int, end: int
+) -> dict[int, RawDataElement] | None:
+    """The same walk as `_walk` for the common little-endian case, about ten times faster:
+    element headers are unpacked directly, values skipped by seeking, encapsulated pixel data
+    walked item by item. Returns None at anything else (an undefined-length sequence, an
+    unknown VR, a length past the end): `_walk` with pydicom then gives the verdict, so this
+    path never rejects what pydicom would accept, nor accepts what it would reject."""
+    wanted: dict[int, RawDataElement] = {}
+    position = start
+    read, seek = fp.read, fp.seek
+    while position < end:
+        head = read(8)
+        if len(head) < 8:
+            return None
+        if implicit_vr:
+            group, element, length = struct.unpack("<HHL", head)
+            vr = b""
+            position += 8
+        else:
+            group, element, vr, length = _short_header.unpack(head)
+            position += 8
+            if vr in _LONG_VRS:
+                more = read(4)
+                if len(more) < 4:
+                    return None
+                (length,) = _uint32.unpack(more)
+                position += 4
+            elif vr not in _SHORT_VRS:
+                return None
+        tag = group << 16 | element
+        if length == _UNDEFINED:
+            if tag != _PIXEL_DATA or implicit_vr:
+                return None
+            after = _skip_fragments(fp, position, end)
+            if after is None:
+                return None
+            position = after
+            continue
+        if position + length > end:
+            return None
+        if tag in _WANTED:
+            value = read(length)
+            wanted[tag] = RawDataElement(
+                tag, vr.decode() if vr else None, length, value, position, implicit_vr, True
+            )
+        elif length:
+            seek(length, io.SEEK_CUR)
+        position += length
+    if position != end or position == start:
+        return None
+    return wanted
+
+
+def _skip_fragments(fp: BinaryIO, position: int, end: int) -> int | None:
+    """Past an encapsulated pixel data value (items of defined length, then the sequence
+    delimiter), or None if it is not exactly that."""
+    while True:
+        head = fp.read(8)
+        if len(head) < 8:
+            return None
+        group, element, length = struct.unpack("<HHL", head)
+        position += 8
+        tag = group << 16 | element
+        if tag == _SEQUENCE_END:
+            return position if length == 0 else None
+        if tag != _ITEM or length == _UNDEFINED or position + length > end:
+            return None
+        fp.seek(length, io.SEEK_CUR)
+        position += length
 
 
 # A deflated prefix is inflated at most this far (the attributes sit in the first kilobytes;
