@@ -13,12 +13,29 @@ modalities send), with 1 and 4 concurrent associations. Each figure is the media
 rounds, printed with its ratio to the reference measured in the same run. Finally the node's
 peak RSS while it receives one 1-GB instance.
 
+The instances come as a modality sends them: one study, series of --series-size instances
+(each series spread over the concurrent associations). Every round writes into a fresh
+directory and nothing is deleted until the end: thousands of files removed just before a round
+slow the next round's file creation on some filesystems (ext4 without a journal, as here, scans
+past recently freed inodes), which distorted both receivers, by different amounts.
+
+Then, per set, where the time goes for one association (the "ceiling" lines):
+  * the sender alone: DCMTK storescp with --ignore (receives and discards), so the cycle of
+    storescu, loopback and a minimal receiver;
+  * the durability floor: what the contract costs per instance on this filesystem, measured
+    with bare system calls: create, write, fsync a file of the set's size, link it under its
+    series directory, fsync that directory, plus one SQLite commit (WAL, synchronous=FULL) of
+    an index row and its replication job through the node's own Index;
+  * the best ratio any receiver that keeps the contract could reach, one instance at a time:
+    reference cycle / (sender cycle + floor).
+
 Runs only on 127.0.0.1; every loop is bounded by --count and --rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import signal
@@ -30,15 +47,23 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.factory import base_dataset, write_instance, write_large_instance  # noqa: E402
+from pacs_node.index import Index  # noqa: E402
+from pacs_node.index.records import NewInstance  # noqa: E402
+from tests.factory import (  # noqa: E402
+    ATTRIBUTES,
+    base_dataset,
+    write_instance,
+    write_large_instance,
+)
 
 DCMTK = Path("/usr/bin")  # pynetdicom installs look-alike scripts earlier on PATH
 SETS = {"small": (128, 136), "ct": (512, 512)}  # rows, columns of 16-bit pixels
@@ -78,14 +103,17 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def make_set(folder: Path, name: str, count: int, concurrency: int) -> list[Path]:
-    """`count` instances split into `concurrency` sub-folders (one per sender)."""
+def make_set(folder: Path, name: str, count: int, concurrency: int, series_size: int) -> list[Path]:
+    """`count` instances of one study, in series of `series_size`, split into `concurrency`
+    sub-folders (one per sender)."""
     rows, columns = SETS[name]
-    study = None
+    study = generate_uid()
+    series = ""
     parts = [folder / f"part{i}" for i in range(concurrency)]
     for i in range(count):
-        ds = base_dataset(study_uid=study, instance_number=i + 1)
-        study = ds.StudyInstanceUID
+        if i % series_size == 0:
+            series = generate_uid()
+        ds = base_dataset(study_uid=study, series_uid=series, instance_number=i + 1)
         write_instance(
             parts[i % concurrency] / f"{i:05d}.dcm",
             ds,
@@ -126,8 +154,11 @@ def send(parts: list[Path], port: int, ae_title: str, nodelay: bool) -> float:
 class Server:
     """A receiver under test, started fresh for every round."""
 
-    def __init__(self, kind: str, workdir: Path, concurrency: int) -> None:
+    def __init__(
+        self, kind: str, workdir: Path, concurrency: int, extra: tuple[str, ...] = ()
+    ) -> None:
         self.kind = kind
+        self.extra = extra
         self.workdir = workdir
         self.concurrency = concurrency
         self.port = free_port()
@@ -136,9 +167,7 @@ class Server:
         self.log = None
 
     def __enter__(self) -> Server:
-        if self.workdir.exists():
-            shutil.rmtree(self.workdir)
-        self.workdir.mkdir(parents=True)
+        self.workdir.mkdir(parents=True)  # fresh: see the module's note on deleting
         self.log = (self.workdir / "server.log").open("wb")
         if self.kind == "pacs-node":
             cmd = [
@@ -157,6 +186,7 @@ class Server:
             cmd = [str(DCMTK / "storescp"), "-aet", self.ae_title, "-od", str(out)]
             if self.concurrency > 1:
                 cmd.append("--fork")
+            cmd.extend(self.extra)
             cmd.append(str(self.port))
         # The reference at its best: DCMTK leaves Nagle on unless TCP_NODELAY=1 is set.
         env = {**os.environ, "TCP_NODELAY": "1"}
@@ -191,18 +221,81 @@ def count_stored(kind: str, workdir: Path) -> int:
     return sum(1 for _ in (workdir / "out").iterdir())
 
 
-def measure(kind: str, parts: list[Path], work: Path, nodelay: bool, rounds: int) -> Result:
+_rounds_run = 0
+
+
+def measure(
+    kind: str,
+    parts: list[Path],
+    work: Path,
+    nodelay: bool,
+    rounds: int,
+    extra: tuple[str, ...] = (),
+) -> Result:
+    global _rounds_run
     count = sum(len(list(p.iterdir())) for p in parts)
     nbytes = sum(f.stat().st_size for p in parts for f in p.iterdir())
     times = []
     for _ in range(rounds):
-        server = Server(kind, work / kind, len(parts))
+        _rounds_run += 1
+        workdir = work / "rounds" / f"{_rounds_run:03d}-{kind}"
+        server = Server(kind, workdir, len(parts), extra)
         with server:
             times.append(send(parts, server.port, server.ae_title, nodelay))
-        stored = count_stored(kind, work / kind)
+        stored = count if extra else count_stored(kind, workdir)
         if stored != count:
             raise RuntimeError(f"{kind} stored {stored} of {count}")
     return Result(statistics.median(times), count, nbytes)
+
+
+def durability_floor(work: Path, size: int, count: int) -> tuple[float, float]:
+    """(file ms, index ms) per instance: the least the contract costs here, in bare calls."""
+    root = work / f"floor-{size}"
+    incoming, series_dir = root / "incoming", root / "study" / "series"
+    incoming.mkdir(parents=True)
+    series_dir.mkdir(parents=True)
+    data = os.urandom(size)
+    started = time.perf_counter()
+    for i in range(count):
+        temp, final = incoming / f"{i}.tmp", series_dir / f"{i}.dcm"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        os.write(fd, data)
+        os.fsync(fd)
+        os.close(fd)
+        os.link(temp, final)
+        os.unlink(temp)
+        directory = os.open(series_dir, os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(directory)
+        os.close(directory)
+    file_ms = (time.perf_counter() - started) / count * 1000
+    index = Index(root / "index.sqlite3")
+    index.open()
+    study, series = generate_uid(), generate_uid()
+    started = time.perf_counter()
+    for i in range(count):
+        uid = generate_uid()
+        index.add_instance(_floor_row(study, series, uid, i, size))
+    index_ms = (time.perf_counter() - started) / count * 1000
+    index.close()
+    return file_ms, index_ms
+
+
+def _floor_row(study: str, series: str, sop_uid: str, number: int, size: int) -> NewInstance:
+    attributes = dataclasses.replace(
+        ATTRIBUTES, study_uid=study, series_uid=series, sop_uid=sop_uid, instance_number=number
+    )
+    return NewInstance(
+        attributes=attributes,
+        version=1,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        file_size=size,
+        dataset_offset=300,
+        sha256="0" * 64,
+        cache_path=f"ab/{study}/{series}/{sop_uid}.dcm",
+        received_at=datetime.now(UTC).replace(tzinfo=None),
+        calling_ae="STORESCU",
+        peer_address="127.0.0.1:1",
+    )
 
 
 def big_instance_rss(work: Path, size: int) -> tuple[float, float, float]:
@@ -235,12 +328,36 @@ def big_instance_rss(work: Path, size: int) -> tuple[float, float, float]:
     return idle / 1e6, peak / 1e6, size / seconds / 1e6
 
 
+TARGETS = {"small": 0.65, "ct": 0.5}
+
+
+def ceiling(
+    name: str, parts: list[Path], work: Path, ref: Result, node: Result, rounds: int
+) -> str:
+    """Where one association's time goes, and the best ratio the contract leaves."""
+    sender = measure("storescp", parts, work, True, rounds, extra=("--ignore",))
+    size = ref.nbytes // ref.instances
+    file_ms, index_ms = durability_floor(work, size, ref.instances)
+    sender_ms = 1000 / sender.per_s
+    best = (1000 / ref.per_s) / (sender_ms + file_ms + index_ms)
+    return (
+        f"ceiling {name}: reference cycle {1000 / ref.per_s:.2f} ms, node {1000 / node.per_s:.2f}"
+        f" ms; sender alone {sender_ms:.2f} ms; durability floor {file_ms:.2f} ms file "
+        f"(fsync, link, directory fsync) + {index_ms:.2f} ms index commit; best possible "
+        f"ratio {best:.2f} (target {TARGETS.get(name, 0):.2f}), node reached "
+        f"{ref.per_s and node.per_s / ref.per_s:.2f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=300, help="instances per set")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per figure (median)")
     parser.add_argument("--sets", default="small,ct")
     parser.add_argument("--concurrency", default="1,4")
+    parser.add_argument(
+        "--series-size", type=int, default=100, help="instances per series (1: a series each)"
+    )
     parser.add_argument("--big-mb", type=int, default=1024, help="size of the memory check")
     parser.add_argument("--no-big", action="store_true", help="skip the 1-GB memory check")
     parser.add_argument("--workdir", type=Path, default=None)
@@ -258,10 +375,17 @@ def main() -> None:
         f"{'set':6} {'sender':9} {'assoc':>5} | {'storescp/s':>10} {'MB/s':>7} | "
         f"{'node/s':>8} {'MB/s':>7} | {'ratio':>5}"
     )
+    ceilings: list[str] = []
     try:
         for name in args.sets.split(","):
             for concurrency in (int(c) for c in args.concurrency.split(",")):
-                parts = make_set(work / f"data-{name}-{concurrency}", name, args.count, concurrency)
+                parts = make_set(
+                    work / f"data-{name}-{concurrency}",
+                    name,
+                    args.count,
+                    concurrency,
+                    args.series_size,
+                )
                 for nodelay in (True, False):
                     ref = measure("storescp", parts, work, nodelay, args.rounds)
                     node = measure("pacs-node", parts, work, nodelay, args.rounds)
@@ -272,7 +396,10 @@ def main() -> None:
                         f"{node.per_s / ref.per_s:>5.2f}",
                         flush=True,
                     )
-                shutil.rmtree(parts[0].parent)
+                    if concurrency == 1 and nodelay:
+                        ceilings.append(ceiling(name, parts, work, ref, node, args.rounds))
+        for line in ceilings:
+            print(line)
         if not args.no_big:
             idle, peak, rate = big_instance_rss(work, args.big_mb * 1024 * 1024)
             print(

@@ -31,6 +31,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from pacs_node.index import InstanceAttributes
+
 SOP_CLASSES = [
     CTImageStorage,
     MRImageStorage,
@@ -217,3 +219,29 @@ def dataset_bytes_sha256(path: Path) -> str:
         while block := f.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
+
+
+# The indexed attributes of one instance, for tests and benchmarks that fill an index directly.
+ATTRIBUTES = InstanceAttributes(
+    patient_id="P1",
+    issuer_of_patient_id="",
+    patient_name="Doe^Jane",
+    patient_birth_date="19700101",
+    patient_sex="F",
+    study_uid="1.2.3",
+    study_date="20240101",
+    study_time="",
+    accession_number="A1",
+    study_id="1",
+    study_description="",
+    referring_physician_name="",
+    series_uid="1.2.3.4",
+    modality="CT",
+    series_number=1,
+    series_description="",
+    body_part_examined="",
+    sop_uid="1.2.3.4.1",
+    sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+    instance_number=1,
+    specific_character_set="",
+)

@@ -9,33 +9,10 @@ from pathlib import Path
 
 import peewee as pw
 
-from pacs_node.index import Index, InstanceAttributes, NewInstance
+from pacs_node.index import Index, NewInstance
 from pacs_node.index.catalog import utcnow
 from pacs_node.index.schema import MIGRATIONS, SCHEMA_VERSION, build_models
-
-ATTRIBUTES = InstanceAttributes(
-    patient_id="P1",
-    issuer_of_patient_id="",
-    patient_name="Doe^Jane",
-    patient_birth_date="19700101",
-    patient_sex="F",
-    study_uid="1.2.3",
-    study_date="20240101",
-    study_time="",
-    accession_number="A1",
-    study_id="1",
-    study_description="",
-    referring_physician_name="",
-    series_uid="1.2.3.4",
-    modality="CT",
-    series_number=1,
-    series_description="",
-    body_part_examined="",
-    sop_uid="1.2.3.4.1",
-    sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-    instance_number=1,
-    specific_character_set="",
-)
+from tests.factory import ATTRIBUTES
 
 
 def _add(index: Index, sop_uid: str, version: int = 1) -> None:
