@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
 import peewee as pw
+import pytest
 
-from pacs_node.index import Index, NewInstance
+from pacs_node.index import Index, IndexBusy, NewInstance
 from pacs_node.index.catalog import utcnow
 from pacs_node.index.schema import MIGRATIONS, SCHEMA_VERSION, build_models
 from tests.factory import ATTRIBUTES
@@ -99,3 +101,43 @@ def test_restart_releases_leases_and_unparks_permanent_failures(tmp_path: Path) 
     index.fail_job(b.job_id, "old-process", "permanent: AccessDenied", retry_in_s=3600)
     assert index.release_all_leases() == 1
     assert {j.sop_uid for j in index.claim_jobs("new", 5, lease_s=60)} == {a.sop_uid, b.sop_uid}
+
+
+def test_writers_queue_in_turn_and_give_up_at_the_busy_timeout(tmp_path: Path) -> None:
+    """Four threads writing at once all get their rows in; a writer kept waiting longer than
+    the busy timeout gets IndexBusy (the node answers 0xA7xx and the sender retries)."""
+    index = Index(tmp_path / "index.sqlite3", busy_timeout_s=0.3)
+    index.open()
+
+    def add_many(k: int) -> None:
+        for i in range(25):
+            _add(index, f"1.2.3.{k}.{i}")
+        index.release_thread()
+
+    writers = [threading.Thread(target=add_many, args=(k,)) for k in range(4)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    assert index.status().instances == 100
+
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with index.writing("holding the write lock"):
+            holding.set()
+            release.wait(5)
+        index.release_thread()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    holding.wait(5)
+    started = time.monotonic()
+    with pytest.raises(IndexBusy):
+        _add(index, "1.2.3.9.9")
+    waited = time.monotonic() - started
+    release.set()
+    holder.join()
+    assert 0.25 < waited < 2
+    _add(index, "1.2.3.9.9")  # free again
+    assert index.status().instances == 101

@@ -124,12 +124,11 @@ def requeue(index: Index, instance_ids: Sequence[int]) -> int:
     """
     m = index.models
     Job, Inst = m.ReplicationJob, m.Instance
-    db = Inst._meta.database
     changed = 0
     for start in range(0, len(instance_ids), _WRITE_BATCH):
         batch = list(instance_ids[start : start + _WRITE_BATCH])
         now = utcnow()
-        with _translate_errors("re-enqueuing replication jobs"), db.atomic("IMMEDIATE"):
+        with index.writing("re-enqueuing replication jobs"):
             # Pending ones first, so a job this batch turns pending is not counted twice.
             changed += (
                 Job.update(next_attempt_at=None)
