@@ -11,7 +11,7 @@ from pathlib import Path
 import peewee as pw
 import pytest
 
-from pacs_node.index import Index, IndexBusy, NewInstance
+from pacs_node.index import Index, IndexBusy, IndexFailure, NewInstance
 from pacs_node.index.catalog import utcnow
 from pacs_node.index.schema import MIGRATIONS, SCHEMA_VERSION, build_models
 from tests.factory import ATTRIBUTES
@@ -103,6 +103,22 @@ def test_restart_releases_leases_and_unparks_permanent_failures(tmp_path: Path) 
     assert {j.sop_uid for j in index.claim_jobs("new", 5, lease_s=60)} == {a.sop_uid, b.sop_uid}
 
 
+def _hold_write_lock(index: Index, release: threading.Event) -> threading.Thread:
+    """A thread inside a write transaction until `release` is set (returned once inside)."""
+    holding = threading.Event()
+
+    def hold() -> None:
+        with index.writing("holding the write lock"):
+            holding.set()
+            release.wait(5)
+        index.release_thread()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(5)
+    return holder
+
+
 def test_writers_queue_in_turn_and_give_up_at_the_busy_timeout(tmp_path: Path) -> None:
     """Four threads writing at once all get their rows in; a writer kept waiting longer than
     the busy timeout gets IndexBusy (the node answers 0xA7xx and the sender retries)."""
@@ -121,17 +137,8 @@ def test_writers_queue_in_turn_and_give_up_at_the_busy_timeout(tmp_path: Path) -
         w.join()
     assert index.status().instances == 100
 
-    holding, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with index.writing("holding the write lock"):
-            holding.set()
-            release.wait(5)
-        index.release_thread()
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    holding.wait(5)
+    release = threading.Event()
+    holder = _hold_write_lock(index, release)
     started = time.monotonic()
     with pytest.raises(IndexBusy):
         _add(index, "1.2.3.9.9")
@@ -141,3 +148,36 @@ def test_writers_queue_in_turn_and_give_up_at_the_busy_timeout(tmp_path: Path) -
     assert 0.25 < waited < 2
     _add(index, "1.2.3.9.9")  # free again
     assert index.status().instances == 101
+
+
+def test_a_group_commit_with_one_bad_row_fails_only_that_row(tmp_path: Path) -> None:
+    """Instances queued behind a busy writer are committed together; when one of them cannot
+    be indexed (its UID and version are already there), the others still are."""
+    index = Index(tmp_path / "index.sqlite3")
+    index.open()
+    _add(index, "1.2.3.7")
+    outcomes: dict[str, str] = {}
+
+    def add(uid: str) -> None:
+        try:
+            _add(index, uid)
+            outcomes[uid] = "stored"
+        except IndexFailure as e:
+            outcomes[uid] = type(e).__name__
+        index.release_thread()
+
+    release = threading.Event()
+    holder = _hold_write_lock(index, release)
+    adders = [threading.Thread(target=add, args=(u,)) for u in ("1.2.3.5", "1.2.3.7", "1.2.3.8")]
+    for a in adders:
+        a.start()
+    deadline = time.monotonic() + 5
+    while len(index._queue) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(index._queue) == 3  # all three wait for one commit
+    release.set()
+    holder.join()
+    for a in adders:
+        a.join()
+    assert outcomes == {"1.2.3.5": "stored", "1.2.3.7": "DuplicateVersion", "1.2.3.8": "stored"}
+    assert index.status().instances == 3

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -182,6 +184,16 @@ class _HotSql:
         self.insert_job = job_insert_statement(m.ReplicationJob, "pending")
 
 
+@dataclass(eq=False)
+class _Waiting:
+    """An instance queued for the next group commit."""
+
+    new: NewInstance
+    done: threading.Event = field(default_factory=threading.Event)
+    committed: bool = False
+    error: IndexFailure | None = None
+
+
 class Index:
     """Open with `open()`; every method is safe to call from any thread."""
 
@@ -204,6 +216,8 @@ class Index:
         self._ids = _IdCache()
         self._busy_timeout_s = busy_timeout_s
         self._write_lock = threading.RLock()
+        self._queue_lock = threading.Lock()
+        self._queue: list[_Waiting] = []  # instances waiting for a group commit
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -252,8 +266,64 @@ class Index:
             return [InstanceVersion(*row) for row in cursor.fetchall()]
 
     def add_instance(self, new: NewInstance) -> None:
-        """Index one instance version and queue its replication job, in one transaction."""
-        self.add_instances([new])
+        """Index one instance version and queue its replication job; returns once committed.
+
+        Group commit: instances that arrive while another commit is under way (several
+        associations storing at once) are committed together by the next writer to get the
+        lock, in one transaction and one fsync, so they do not queue for one fsync each.
+        Alone, an instance is committed at once, as before. Should a shared transaction fail,
+        each of its instances is retried in its own, so one bad row fails only itself.
+        """
+        waiting = _Waiting(new)
+        with self._queue_lock:
+            self._queue.append(waiting)
+        deadline = time.monotonic() + self._busy_timeout_s
+        while not waiting.done.is_set():
+            if self._write_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                try:
+                    with self._queue_lock:
+                        batch, self._queue = self._queue, []
+                    if batch:
+                        self._commit_together(batch)
+                finally:
+                    self._write_lock.release()
+                continue
+            with self._queue_lock:
+                if waiting in self._queue:  # no writer has taken it: give up
+                    self._queue.remove(waiting)
+                    raise IndexBusy(
+                        f"indexing {new.attributes.sop_uid}: database is locked (this node's "
+                        f"other writers held it for more than {self._busy_timeout_s:g} s)"
+                    )
+            waiting.done.wait()  # a writer is committing it: its outcome is ours
+        if waiting.error is not None:
+            raise waiting.error
+
+    def _commit_together(self, batch: list[_Waiting]) -> None:
+        """Commit `batch` (the caller holds the write lock) and tell each its outcome."""
+        try:
+            try:
+                self.add_instances([w.new for w in batch])
+                for w in batch:
+                    w.committed = True
+            except IndexFailure as e:
+                if len(batch) == 1:
+                    batch[0].error = e
+                    return
+                for w in batch:
+                    try:
+                        self.add_instances([w.new])
+                        w.committed = True
+                    except IndexFailure as single:
+                        w.error = single
+        except BaseException as e:
+            for w in batch:
+                if not w.committed and w.error is None:
+                    w.error = IndexFailure(f"indexing {w.new.attributes.sop_uid}: {e!r}")
+            raise
+        finally:
+            for w in batch:
+                w.done.set()
 
     def add_instances(self, items: Sequence[NewInstance]) -> None:
         """Index instance versions with their replication jobs in ONE transaction (one commit,
