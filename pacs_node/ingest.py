@@ -76,6 +76,8 @@ class StoreResult:
     sop_uid: str
     version: int
     sha256: str
+    reception: Reception | None = None
+    new: NewInstance | None = None  # what was indexed (None for a duplicate)
 
 
 @dataclass
@@ -228,7 +230,8 @@ class Ingest:
         )
 
     def complete(self, reception: Reception) -> StoreResult:
-        """Check, store durably and index the received instance. Success only if this returns."""
+        """Check, store durably and index the received instance. Success only if this returns;
+        then `report()` writes its log line and audit record."""
         try:
             result = self._complete(reception)
         except IngestFailure as e:
@@ -270,9 +273,8 @@ class Ingest:
             for existing in versions:
                 if existing.sha256 == sha256:
                     incoming.discard()
-                    self._log_stored(reception, Outcome.DUPLICATE, existing.version, sha256)
                     return StoreResult(
-                        Outcome.DUPLICATE, reception.sop_uid, existing.version, sha256
+                        Outcome.DUPLICATE, reception.sop_uid, existing.version, sha256, reception
                     )
             version = versions[-1].version + 1 if versions else 1
             if version > 1 and self._duplicates.on_different_bytes == "reject":
@@ -305,10 +307,20 @@ class Ingest:
             # this wakes the evictor.
             self._cache.budget.add(stored.size)
         outcome = Outcome.STORED if version == 1 else Outcome.NEW_VERSION
-        self._log_stored(reception, outcome, version, sha256, new)
-        if self._on_stored is not None:
-            self._on_stored()
-        return StoreResult(outcome, reception.sop_uid, version, sha256)
+        return StoreResult(outcome, reception.sop_uid, version, sha256, reception, new)
+
+    def report(self, result: StoreResult) -> None:
+        """The log line and audit record of a stored (or duplicate) instance, and a nudge to
+        replication. Called once the response is sent; never raises."""
+        assert result.reception is not None
+        try:
+            self._log_stored(
+                result.reception, result.outcome, result.version, result.sha256, result.new
+            )
+            if result.new is not None and self._on_stored is not None:
+                self._on_stored()
+        except Exception:
+            log.exception("event=report_failed sop_uid=%s", result.sop_uid)
 
     def _commit_file(self, incoming: IncomingFile, location: InstanceLocation) -> StoredFile:
         relative = str(location.relative_path())

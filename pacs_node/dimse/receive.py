@@ -63,7 +63,7 @@ from pacs_node.dimse.status import (
     STORE_FAILURE_STATUS,
     SUCCESS,
 )
-from pacs_node.ingest import Ingest, IngestFailure, Reception, Sender
+from pacs_node.ingest import Ingest, IngestFailure, Reception, Sender, StoreResult
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -442,6 +442,7 @@ class StoreReceiver(DULServiceProvider):
 
     def _finish(self) -> None:
         status, comment = SUCCESS, None
+        stored: StoreResult | None = None
         if self._refusal is not None:
             status, comment = self._refusal
         elif self._failure is not None:
@@ -456,7 +457,7 @@ class StoreReceiver(DULServiceProvider):
             reception, self._reception = self._reception, None
             assert reception is not None
             try:
-                self._ingest.complete(reception)
+                stored = self._ingest.complete(reception)
             except IngestFailure as e:
                 status, comment = STORE_FAILURE_STATUS[e.kind], str(e)
             except Exception:
@@ -465,6 +466,10 @@ class StoreReceiver(DULServiceProvider):
         self._reception = None
         self._mode = _IDLE
         self._respond(status, comment)
+        if stored is not None:
+            # After the response: the instance is durable and indexed (its row holds who sent
+            # it), and the sender can go on while the log line and audit record are written.
+            self._ingest.report(stored)
 
     def _respond(self, status: int, comment: str | None) -> None:
         command = response(
