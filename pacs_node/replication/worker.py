@@ -194,8 +194,10 @@ class Replicator:
         try:
             # Never send bytes that are not the instance: a cached file damaged since it was
             # received would reach the bucket labelled with the right hash.
-            digest = self._cache.digest(job.cache_path, job.dataset_offset)
-            if digest.dataset_sha256 != job.sha256 or digest.size != job.file_size:
+            # The upload hashes the file again (MD5 and SHA-256 of all its bytes, for the
+            # server's checks): this pass needs only the dataset's SHA-256.
+            size, sha256 = self._cache.dataset_digest(job.cache_path, job.dataset_offset)
+            if sha256 != job.sha256 or size != job.file_size:
                 self._failed(owner, job, key, CachedCopyCorrupt(job.cache_path))
                 return
             remote = self.target.put_instance(

@@ -547,6 +547,11 @@ class Cache:
         cannot be read)."""
         return digest_file(self.root / relative_path, dataset_offset)
 
+    def dataset_digest(self, relative_path: str, dataset_offset: int) -> tuple[int, str]:
+        """(file size, dataset SHA-256) of a committed file: `digest` without the MD5, which
+        costs more than the SHA-256 here (raises as `digest` does)."""
+        return dataset_sha256(self.root / relative_path, dataset_offset)
+
     @contextlib.contextmanager
     def scratch_file(self) -> Iterator[Path]:
         """A path for a temporary file in `.incoming/` (same filesystem as the cached files, so
