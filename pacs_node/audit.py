@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import threading
@@ -67,6 +68,9 @@ def _own_hash(line: bytes) -> tuple[str, str]:
 
 def _line_hash(line: bytes) -> str:
     return _own_hash(line)[0]
+
+
+log = logging.getLogger(__name__)
 
 
 class AuditLog:
@@ -152,6 +156,15 @@ class AuditLog:
                 self._rotate()
         if self._observer is not None:
             self._observer(event, fields)
+
+    def record_quietly(self, event: str, **fields: Any) -> None:
+        """Append a record of an outcome already decided (an instance already durable, an
+        association already refused): a failed write is logged at ERROR, never raised, so it
+        cannot turn that outcome into a failure, yet it is seen."""
+        try:
+            self.record(event, **fields)
+        except (OSError, RuntimeError) as e:
+            log.error("event=audit_write_failed audit_event=%s error=%s", event, e)
 
     def _rotate(self) -> None:
         """The current file gets its last sequence number in its name; a new one starts the

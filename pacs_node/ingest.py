@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pacs_node import __version__
 from pacs_node.audit import AuditLog
 from pacs_node.config import DuplicatesConfig
 from pacs_node.dataset import DatasetUnreadable, read_attributes
+from pacs_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from pacs_node.index import Index, IndexFailure, NewInstance
 from pacs_node.index.catalog import utcnow
 from pacs_node.storage.cache import (
@@ -34,8 +34,6 @@ from pacs_node.storage.layout import InstanceLocation, InvalidUID, locate, valid
 
 log = logging.getLogger(__name__)
 
-IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1464.1"
-IMPLEMENTATION_VERSION_NAME = f"PACS_NODE_{__version__}"[:16]
 
 
 class FailureKind(enum.Enum):
@@ -199,7 +197,7 @@ class Ingest:
             reception.sender.address,
             reason,
         )
-        self._audit_safely(
+        self._audit.record_quietly(
             "instance_abandoned",
             sop_instance_uid=reception.sop_uid,
             calling_ae=reception.sender.ae_title,
@@ -220,7 +218,7 @@ class Ingest:
             failure.kind.value,
             failure,
         )
-        self._audit_safely(
+        self._audit.record_quietly(
             "instance_rejected",
             sop_instance_uid=sop_uid,
             calling_ae=sender.ae_title,
@@ -374,12 +372,5 @@ class Ingest:
             fields["study_instance_uid"] = new.attributes.study_uid
             fields["series_instance_uid"] = new.attributes.series_uid
             fields["transfer_syntax_uid"] = new.transfer_syntax_uid
-        self._audit_safely(f"instance_{outcome.value}", **fields)
+        self._audit.record_quietly(f"instance_{outcome.value}", **fields)
 
-    def _audit_safely(self, event: str, **fields: object) -> None:
-        # The instance is already durable; a failing audit write must not turn that into a
-        # failure status, but it must be seen.
-        try:
-            self._audit.record(event, **fields)
-        except OSError as e:
-            log.error("event=audit_write_failed audit_event=%s error=%s", event, e)

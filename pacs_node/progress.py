@@ -6,9 +6,32 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import click
+
+
+class Progress(Protocol):
+    """Where a long operation reports how far it got (a progress bar in the CLI)."""
+
+    def begin(self, label: str, total: int | None) -> None: ...
+
+    def advance(self, n: int = 1) -> None: ...
+
+    def end(self) -> None: ...
+
+
+class NullProgress:
+    """Progress reported nowhere (library callers, tests)."""
+
+    def begin(self, label: str, total: int | None) -> None:
+        pass
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
 
 
 class ProgressBar:

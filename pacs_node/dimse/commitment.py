@@ -229,7 +229,7 @@ class CommitmentService:
                 e.status,
                 str(e),
             )
-            self._audit(
+            self.audit.record_quietly(
                 "commitment_refused",
                 calling_ae=calling,
                 peer=peer,
@@ -238,7 +238,7 @@ class CommitmentService:
             )
             return _failure(e.status, str(e)), None
         if tx is not None:
-            self._audit(
+            self.audit.record_quietly(
                 "commitment_requested",
                 transaction_uid=tx.uid,
                 calling_ae=calling,
@@ -323,7 +323,7 @@ class CommitmentService:
             else:
                 outcome = self._decide(tx)
             if outcome is None:
-                self._audit(
+                self.audit.record_quietly(
                     "commitment_abandoned",
                     transaction_uid=tx.uid,
                     calling_ae=tx.calling_ae,
@@ -414,7 +414,7 @@ class CommitmentService:
             len(failed),
             delivered or "no",
         )
-        self._audit(
+        self.audit.record_quietly(
             "commitment_reported" if delivered else "commitment_report_undelivered",
             transaction_uid=tx.uid,
             calling_ae=tx.calling_ae,
@@ -522,12 +522,6 @@ class CommitmentService:
 
     def _next_id(self) -> int:
         return next(self._message_ids) % 65535 + 1
-
-    def _audit(self, event: str, **fields: Any) -> None:
-        try:
-            self.audit.record(event, **fields)
-        except (OSError, RuntimeError) as e:
-            log.error("event=audit_write_failed audit_event=%s error=%s", event, e)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 

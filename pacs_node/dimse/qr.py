@@ -225,10 +225,7 @@ class QueryRetrieveService:
         return QRSession(self, channel)
 
     def record(self, event: str, **fields: Any) -> None:
-        try:
-            self.audit.record(event, **fields)
-        except OSError as e:
-            log.error("event=audit_write_failed audit_event=%s error=%s", event, e)
+        self.audit.record_quietly(event, **fields)
 
 
 class QRSession:

@@ -42,8 +42,8 @@ from pacs_node.dimse.messages import (
     send_buffers,
     us,
 )
+from pacs_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from pacs_node.index import RetrieveItem
-from pacs_node.ingest import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from pacs_node.storage.cache import Cache
 from pacs_node.storage.reencode import ReencodeError, can_reencode
 

@@ -93,8 +93,7 @@ class _PolicyACSE(ACSE):
         if refusal is None:
             super()._negotiate_as_acceptor()
             if self.assoc.is_established:
-                _audit(
-                    self.audit,
+                self.audit.record_quietly(
                     "association_accepted",
                     calling_ae=calling,
                     called_ae=called,
@@ -109,8 +108,7 @@ class _PolicyACSE(ACSE):
             peer,
             refusal.reason,
         )
-        _audit(
-            self.audit,
+        self.audit.record_quietly(
             "association_rejected",
             calling_ae=calling,
             called_ae=called,
@@ -166,13 +164,6 @@ def tls_context(config: TlsConfig) -> ssl.SSLContext:
     return context
 
 
-def _audit(audit: AuditLog, event: str, **fields: Any) -> None:
-    try:
-        audit.record(event, **fields)
-    except OSError as e:
-        log.error("event=audit_write_failed audit_event=%s error=%s", event, e)
-
-
 class _NodeRequestHandler(RequestHandler):
     """Per connection: TLS handshake, TCP tuning, the streaming DUL, the policy-checking ACSE."""
 
@@ -196,7 +187,7 @@ class _NodeRequestHandler(RequestHandler):
         except (ssl.SSLError, OSError) as e:
             reason = f"{type(e).__name__}: {e}"
             log.warning("event=tls_handshake_failed peer=%s reason=%r", peer, reason)
-            _audit(node.audit, "tls_handshake_failed", peer=peer, reason=reason)
+            node.audit.record_quietly("tls_handshake_failed", peer=peer, reason=reason)
             with contextlib.suppress(OSError):
                 sock.close()
             return False

@@ -26,7 +26,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from pacs_node import __version__
 from pacs_node.audit import AuditLog
@@ -38,6 +38,7 @@ from pacs_node.export.select import Selection, select_instances
 from pacs_node.export.state import ExportState, mapping_key, open_state
 from pacs_node.export.writer import Source, UnreadableInstance, open_source, write_output
 from pacs_node.index import Index, IndexFailure, RetrieveItem
+from pacs_node.progress import NullProgress, Progress
 from pacs_node.storage.cache import Cache
 from pacs_node.storage.export_target import ExportTarget, ExportTargetError
 
@@ -55,25 +56,6 @@ class ExportError(RuntimeError):
 
 class DestinationRefused(ExportError):
     """The destination is the clinical bucket or the node's own data: never exported to."""
-
-
-class Progress(Protocol):
-    def begin(self, label: str, total: int | None) -> None: ...
-
-    def advance(self, n: int = 1) -> None: ...
-
-    def end(self) -> None: ...
-
-
-class _NoProgress:
-    def begin(self, label: str, total: int | None) -> None:
-        pass
-
-    def advance(self, n: int = 1) -> None:
-        pass
-
-    def end(self) -> None:
-        pass
 
 
 @dataclass
@@ -214,7 +196,7 @@ def run_export(
     progress: Progress | None = None,
 ) -> ExportReport:
     """Run (or resume) one export; raises ExportError when it cannot go on."""
-    progress = progress or _NoProgress()
+    progress = progress or NullProgress()
     profile, keyring, target = request.profile, request.keyring, request.target
     export_id = request.export_id or derive_export_id(request)
     if not EXPORT_ID_RE.match(export_id):

@@ -27,7 +27,7 @@ from pydicom.filereader import read_dataset, read_partial
 from pydicom.filewriter import dcmwrite, write_dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 
-from pacs_node.ingest import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from pacs_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 DEFER_SIZE = 256 * 1024  # larger values are read from the file only if they are kept
 _CHUNK = 1024 * 1024

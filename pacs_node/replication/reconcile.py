@@ -20,11 +20,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
 
 from pacs_node.index import Index
 from pacs_node.index.catalog import utcnow
 from pacs_node.index.reconcile import IndexedCopy, count_instances, iter_instances, requeue
+from pacs_node.progress import NullProgress, Progress
 from pacs_node.storage.bucket import ReplicationTarget, instance_key
 from pacs_node.storage.cache import Cache
 from pacs_node.storage.layout import locate
@@ -32,27 +32,6 @@ from pacs_node.storage.layout import locate
 log = logging.getLogger(__name__)
 
 _REQUEUE_BATCH = 500
-
-
-class Progress(Protocol):
-    """Where a long operation reports how far it got (a progress bar in the CLI)."""
-
-    def begin(self, label: str, total: int | None) -> None: ...
-
-    def advance(self, n: int = 1) -> None: ...
-
-    def end(self) -> None: ...
-
-
-class NullProgress:
-    def begin(self, label: str, total: int | None) -> None:
-        pass
-
-    def advance(self, n: int = 1) -> None:
-        pass
-
-    def end(self) -> None:
-        pass
 
 
 def relative_path_of(copy: IndexedCopy) -> str:

@@ -46,6 +46,7 @@ from pacs_node.dataset import (
     read_attributes,
     read_attributes_from_prefix,
 )
+from pacs_node.fsio import fsync_dir
 from pacs_node.index import Index, IndexFailure, InstanceAttributes
 from pacs_node.index.catalog import utcnow
 from pacs_node.index.reconcile import iter_instances
@@ -59,7 +60,8 @@ from pacs_node.index.restore import (
     inspect_copy,
     mark_restored,
 )
-from pacs_node.replication.reconcile import NullProgress, Progress, instances_prefix
+from pacs_node.progress import NullProgress, Progress
+from pacs_node.replication.reconcile import instances_prefix
 from pacs_node.replication.snapshot import Manifest, list_snapshots, read_manifest
 from pacs_node.storage.bucket import (
     ObjectMeta,
@@ -297,11 +299,7 @@ def _install(built: Path, final: Path, *, replace: bool) -> None:
         raise RestoreError(f"an index appeared at {final} meanwhile; not replaced") from e
     except OSError as e:
         raise RestoreError(f"cannot install the restored index at {final}: {e}") from e
-    fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(final.parent)
 
 
 # -- the snapshot -------------------------------------------------------------------------------

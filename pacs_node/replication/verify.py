@@ -35,7 +35,8 @@ from pacs_node.index.reconcile import (
     requeue,
     sample_instances,
 )
-from pacs_node.replication.reconcile import NullProgress, Progress, object_key
+from pacs_node.progress import NullProgress, Progress
+from pacs_node.replication.reconcile import object_key
 from pacs_node.storage.bucket import ReplicationTarget
 from pacs_node.storage.cache import Cache, FileDigest, NotVerified, digest_file
 

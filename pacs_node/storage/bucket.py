@@ -39,6 +39,7 @@ import botocore.exceptions
 from botocore.config import Config as BotoConfig
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
 
+from pacs_node.fsio import fsync_dir
 from pacs_node.storage.layout import validate_uid
 
 log = logging.getLogger(__name__)
@@ -1188,14 +1189,6 @@ def _os_translated(action: str, key: str | None = None) -> Iterator[None]:
         raise _os_error(e, action, key) from e
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class DirectoryTarget:
     """The same semantics on a plain directory: `<dir>/<key>` plus `<key>.meta.json` beside it.
 
@@ -1347,7 +1340,7 @@ class DirectoryTarget:
             final.unlink(missing_ok=True)
             _sidecar_path(final).unlink(missing_ok=True)
             if final.parent.exists():
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
 
     def put_file(self, key: str, path: Path) -> RemoteObject:
         """A plain object (no sidecar): copied durably, linked into place (never replacing a
@@ -1365,7 +1358,7 @@ class DirectoryTarget:
                     "it is never replaced"
                 )
             for directory in self._make_parents(final.parent):
-                _fsync_dir(directory.parent)
+                fsync_dir(directory.parent)
             tmp = self._tmp_file()
             try:
                 _copy_durably(path, tmp)
@@ -1373,7 +1366,7 @@ class DirectoryTarget:
                     os.link(tmp, final)
                 except FileExistsError as e:
                     raise TransientTargetError(f"put key={key}: the key was taken; retry") from e
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
             finally:
                 tmp.unlink(missing_ok=True)
             if self._file_sha256(final) != digest.sha256:
@@ -1446,7 +1439,7 @@ class DirectoryTarget:
     ) -> None:
         created = self._make_parents(final.parent)
         for directory in created:
-            _fsync_dir(directory.parent)
+            fsync_dir(directory.parent)
         tmp = self._tmp_file()
         try:
             _copy_durably(source, tmp)
@@ -1461,10 +1454,10 @@ class DirectoryTarget:
                         f"put key={final.relative_to(self.root).as_posix()}: "
                         "the key was taken meanwhile; retry"
                     ) from e
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(self._tmp)
+        fsync_dir(self._tmp)
 
     def _make_parents(self, directory: Path) -> list[Path]:
         missing: list[Path] = []
@@ -1494,7 +1487,7 @@ class DirectoryTarget:
             os.replace(tmp, _sidecar_path(final))
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
     def _read_sidecar(self, final: Path, key: str) -> tuple[ObjectMeta | None, str, int] | None:
         try:

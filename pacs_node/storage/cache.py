@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, Protocol
 
+from pacs_node.fsio import fsync_dir
 from pacs_node.storage.layout import InstanceLocation
 from pacs_node.storage.reencode import reencoded_chunks
 
@@ -90,14 +91,6 @@ def dataset_sha256(path: Path, dataset_offset: int) -> tuple[int, str]:
         while chunk := f.read(_READ_CHUNK):
             sha.update(chunk)
     return size, sha.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _raise_for_os_error(e: OSError, what: str) -> NoReturn:

@@ -30,6 +30,8 @@ import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config as BotoConfig
 
+from pacs_node.fsio import fsync_dir
+
 ENV_PREFIX = "PACS_NODE_EXPORT_AWS_"
 MAX_PRESIGN_S = 7 * 24 * 3600  # SigV4 presigned URLs live at most 7 days
 _SINGLE_PUT_MAX = 512 * 1024**2  # above this, boto3's multipart transfer
@@ -231,14 +233,6 @@ class S3ExportTarget:
 # -- a directory ------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class DirectoryExportTarget:
     kind = "directory"
 
@@ -276,9 +270,9 @@ class DirectoryExportTarget:
                 dst.flush()
                 os.fsync(dst.fileno())
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             for directory in created:
-                _fsync_dir(directory.parent)
+                fsync_dir(directory.parent)
         except OSError as e:
             raise ExportTargetError(f"writing {final}: {e.strerror or e}") from e
         finally:
