@@ -25,7 +25,8 @@ from pacs_node.audit import AuditLog, verify_chain
 from pacs_node.config import Config, ConfigError, load_config, with_overrides
 from pacs_node.export.command import export_command
 from pacs_node.index import Index, IndexFailure
-from pacs_node.node import REPLICATION_OFF_WARNING, Node, describe_target, target_settings
+from pacs_node.node import Node
+from pacs_node.parts import REPLICATION_OFF_WARNING, describe_target, target_settings
 from pacs_node.progress import ProgressBar
 from pacs_node.replication.drill import DrillReport
 from pacs_node.replication.drill import drill as run_drill

@@ -7,89 +7,40 @@ import threading
 from datetime import UTC, datetime
 
 from pacs_node import __version__
-from pacs_node.audit import AuditLog
-from pacs_node.config import Config, ReplicationConfig
+from pacs_node.config import Config
 from pacs_node.dimse.server import DicomServer
-from pacs_node.index import Index, IndexFailure
+from pacs_node.index import IndexFailure
 from pacs_node.ingest import Ingest
 from pacs_node.metrics import Metrics
+from pacs_node.parts import (
+    REPLICATION_OFF_WARNING,
+    build_audit,
+    build_cache,
+    build_index,
+    build_replication_target,
+)
 from pacs_node.replication.audit_copy import AuditCopier
 from pacs_node.replication.snapshot import Snapshotter
 from pacs_node.replication.worker import Replicator
-from pacs_node.storage.bucket import (
-    ReplicationTarget,
-    TargetError,
-    TargetSettings,
-    build_target,
-)
-from pacs_node.storage.cache import Cache
+from pacs_node.storage.bucket import ReplicationTarget, TargetError
 from pacs_node.storage.eviction import Evictor
 
 log = logging.getLogger(__name__)
-
-REPLICATION_OFF_WARNING = (
-    "replication is off: no [replication] target is configured, so no disaster-recovery "
-    "copy of any instance exists"
-)
-
-
-def target_settings(r: ReplicationConfig) -> TargetSettings:
-    """The [replication] section as the storage layer's settings."""
-    return TargetSettings(
-        kind=r.target,
-        bucket=r.bucket,
-        prefix=r.prefix,
-        endpoint_url=r.endpoint_url,
-        region=r.region,
-        addressing_style=r.addressing_style,
-        profile=r.profile,
-        checksum=r.checksum,
-        sse=r.sse,
-        sse_kms_key_id=r.sse_kms_key_id,
-        sse_c_key_env=r.sse_c_key_env,
-        storage_class=r.storage_class,
-        object_lock_mode=r.object_lock_mode,
-        object_lock_legal_hold=r.object_lock_legal_hold,
-        multipart_threshold_bytes=r.multipart_threshold_bytes,
-        multipart_chunk_bytes=r.multipart_chunk_bytes,
-        connect_timeout_s=r.connect_timeout_s,
-        read_timeout_s=r.read_timeout_s,
-        max_attempts=r.max_attempts,
-        directory=r.directory,
-    )
-
-
-def describe_target(r: ReplicationConfig) -> str:
-    if r.target == "s3":
-        where = f" ({r.endpoint_url})" if r.endpoint_url else ""
-        return f"s3://{r.bucket}/{r.prefix}{where}"
-    if r.target == "directory":
-        return f"dir:{r.directory}"
-    return "none"
 
 
 class Node:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.cache = Cache(
-            config.storage.cache_dir,
-            min_free_bytes=config.storage.min_free_bytes,
-            max_object_bytes=config.dicom.max_object_bytes,
-        )
-        self.index = Index(config.index.path, busy_timeout_s=config.index.busy_timeout_s)
+        self.cache = build_cache(config)
+        self.index = build_index(config)
         # Metrics are fed by the audit record (every audited event is counted once).
         self.metrics = Metrics(self._gauges) if config.metrics.enabled else None
-        self.audit = AuditLog(
-            config.audit.path,
-            max_bytes=config.audit.max_bytes,
-            observer=self.metrics.observe if self.metrics else None,
-        )
+        self.audit = build_audit(config, observer=self.metrics.observe if self.metrics else None)
         self.replicator: Replicator | None = None
-        self.target: ReplicationTarget | None = None
+        self.target: ReplicationTarget | None = build_replication_target(config)
         self.snapshots: Snapshotter | None = None  # index snapshots to the bucket
         self.audit_copy: AuditCopier | None = None
-        if config.replication.enabled:
-            self.target = build_target(target_settings(config.replication))
+        if self.target is not None:
             self.replicator = Replicator(self.index, self.cache, self.target, config.replication)
             self.snapshots = Snapshotter(
                 self.index, self.target, config.replication.prefix, config.snapshots

@@ -29,7 +29,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from pacs_node.config import build_config
 from pacs_node.index import SUPPORTED_KEYS, Index
-from pacs_node.node import target_settings
+from pacs_node.parts import target_settings
 from pacs_node.replication.restore import RestoreOptions, restore
 from pacs_node.replication.snapshot import list_snapshots, read_manifest, take_snapshot
 from pacs_node.storage.bucket import ObjectMeta, build_target

@@ -37,10 +37,12 @@ from pacs_node.export.profile import Profile
 from pacs_node.export.select import Selection, select_instances
 from pacs_node.export.state import ExportState, mapping_key, open_state
 from pacs_node.export.writer import Source, UnreadableInstance, open_source, write_output
-from pacs_node.index import Index, IndexFailure, RetrieveItem
+from pacs_node.index import IndexFailure, RetrieveItem
+from pacs_node.parts import build_audit, build_cache, build_index, build_replication_target
 from pacs_node.progress import NullProgress, Progress
-from pacs_node.storage.cache import Cache
+from pacs_node.storage.bucket import TargetError, instance_key
 from pacs_node.storage.export_target import ExportTarget, ExportTargetError
+from pacs_node.storage.layout import locate
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +137,7 @@ class _Fetcher:
 
     def __init__(self, config: Config, work: Path) -> None:
         self.config = config
-        self.cache = Cache(
-            config.storage.cache_dir,
-            min_free_bytes=config.storage.min_free_bytes,
-            max_object_bytes=config.dicom.max_object_bytes,
-        )
+        self.cache = build_cache(config)
         self.work = work
         self._target: Any = None
 
@@ -152,17 +150,12 @@ class _Fetcher:
         return self._download(item), True
 
     def _download(self, item: RetrieveItem) -> Path:
-        # Imported here: only an export of evicted instances needs the replication client.
-        from pacs_node.node import target_settings
-        from pacs_node.storage.bucket import TargetError, build_target, instance_key
-        from pacs_node.storage.layout import locate
-
         r = self.config.replication
         if not r.enabled:
             raise LookupError("not in the cache, and no replication target to read it from")
         try:
             if self._target is None:
-                self._target = build_target(target_settings(r))
+                self._target = build_replication_target(self.config)
             location = locate(item.study_uid, item.series_uid, item.sop_uid, item.version)
             key = instance_key(r.prefix, str(location.relative_path()))
             dest = self.work / f"fetched-{item.sop_uid}.dcm"
@@ -220,7 +213,7 @@ def run_export(
     aes = mapping_key(request.pseudonym_key, export_id) if profile.mapping == "encrypted" else None
     state = open_state(config.data_dir, export_id, identity, aes)
     report = ExportReport(export_id=export_id, root_key=root_key, resumed=state.resumed)
-    audit = AuditLog(config.audit.path)
+    audit = build_audit(config)
     audit.open()
     started = time.monotonic()
     try:
@@ -299,7 +292,7 @@ def _src(item: RetrieveItem) -> str:
 def _select(config: Config, selection: Selection) -> list[RetrieveItem]:
     if not config.index.path.exists():
         return []
-    index = Index(config.index.path, busy_timeout_s=config.index.busy_timeout_s)
+    index = build_index(config)
     try:
         index.open()
         return select_instances(index, selection, config.duplicates.serve_version)
