@@ -47,7 +47,7 @@ from pydicom.uid import (
 from pynetdicom import AE, _config
 
 from pacs_node.audit import read_audit
-from pacs_node.export.command import export_command
+from pacs_node.cli.export import export_command
 from pacs_node.export.profile import parse_profile, render_profile
 from pacs_node.export.state import read_mapping
 from pacs_node.export.table import ROWS

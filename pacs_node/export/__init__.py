@@ -8,5 +8,5 @@ select.py    which instances (C-FIND keys over the index)
 state.py     the export's journal and encrypted identifier mapping on the node (resume)
 manifest.py  manifest.csv / manifest.jsonl / README.md
 run.py       one export start to finish, with its audit records
-command.py   the click command (`export_command`)
+(the click command, `export_command`, is `pacs_node/cli/export.py`)
 """

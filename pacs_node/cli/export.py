@@ -1,4 +1,5 @@
-"""`pacs-node export`: the command line of a de-identified research export.
+"""`pacs-node export`: the command line of a de-identified research export (the export itself
+is `pacs_node/export/`).
 
 Exit codes as every command: 0 done, 1 runtime failure (destination or index unreachable, an
 instance that could not be exported: run the same command again to resume), 2 bad
@@ -7,16 +8,16 @@ configuration, profile or usage.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
-import sys
 from collections import Counter
 from pathlib import Path
 
 import click
 
-from pacs_node.config import Config, ConfigError, load_config
+from pacs_node.cli.errors import BadInput, Failure
+from pacs_node.cli.options import ConfigSource, config_source_options, setup_tool_logging
+from pacs_node.config import Config
 from pacs_node.export.deidentify import Keyring
 from pacs_node.export.profile import Profile, ProfileError, load_profile
 from pacs_node.export.run import (
@@ -38,15 +39,8 @@ from pacs_node.storage.export_target import (
     open_target,
 )
 
-EXIT_FAILURE = 1
-EXIT_CONFIG = 2
 KEY_ENV = "PACS_NODE_PSEUDONYM_KEY"
 _DURATION_RE = re.compile(r"^(\d+)([smhd]?)$")
-
-
-def _fail(message: str, code: int) -> None:
-    click.echo(message, err=True)
-    sys.exit(code)
 
 
 def _duration_s(text: str) -> int:
@@ -62,11 +56,10 @@ def _duration_s(text: str) -> int:
 def _pseudonym_key() -> bytes:
     value = os.environ.get(KEY_ENV, "")
     if len(value.encode()) < 16:
-        _fail(
+        raise BadInput(
             f"configuration error: set {KEY_ENV} to the project's secret key (at least 16 "
             "characters, e.g. from `openssl rand -base64 32`); it is never stored, and the "
-            "same key gives the same pseudonyms in every export of the project",
-            EXIT_CONFIG,
+            "same key gives the same pseudonyms in every export of the project"
         )
     return value.encode()
 
@@ -88,17 +81,7 @@ def _summarize_profile(profile: Profile) -> None:
 
 
 @click.command("export", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="TOML configuration file (default: the embedded default).",
-)
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Data directory (overrides data_dir in the config).",
-)
+@config_source_options
 @click.option("--all", "select_all", is_flag=True, help="Select every instance.")
 @click.option("--study-uid", "study_uids", multiple=True, help="A Study Instance UID (repeatable).")
 @click.option("--patient-id", help="Patient ID (C-FIND matching: * and ? wildcards).")
@@ -147,8 +130,7 @@ def _summarize_profile(profile: Profile) -> None:
 @click.option("--dry-run", is_flag=True, help="Only count what would be exported.")
 @click.option("--check-profile", is_flag=True, help="Validate the profile, summarize it, and exit.")
 def export_command(
-    config_path: Path | None,
-    data_dir: Path | None,
+    config_source: ConfigSource,
     select_all: bool,
     study_uids: tuple[str, ...],
     patient_id: str | None,
@@ -178,15 +160,12 @@ def export_command(
     try:
         profile = load_profile(profile_path)
     except ProfileError as e:
-        _fail(f"profile error: {e}", EXIT_CONFIG)
+        raise BadInput(f"profile error: {e}") from e
     if check_profile:
         _summarize_profile(profile)
         return
-    try:
-        config = load_config(config_path, data_dir=data_dir)
-    except ConfigError as e:
-        _fail(f"configuration error: {e}", EXIT_CONFIG)
-    _setup_logging(config)
+    config = config_source.load()
+    setup_tool_logging(config)
     selection = Selection(
         all=select_all,
         study_uids=tuple(u.strip() for u in study_uids),
@@ -198,16 +177,16 @@ def export_command(
     try:
         selection.validate()
     except SelectionError as e:
-        _fail(f"usage error: {e}", EXIT_CONFIG)
+        raise BadInput(f"usage error: {e}") from e
     if dry_run:
         _dry_run(config, selection)
         return
     if not destination:
-        _fail("usage error: --to DIR_OR_S3_URL is required", EXIT_CONFIG)
+        raise BadInput("usage error: --to DIR_OR_S3_URL is required")
     try:
         expiry_s = _duration_s(link_expiry)
     except click.BadParameter as e:
-        _fail(f"usage error: --link-expiry: {e.message}", EXIT_CONFIG)
+        raise BadInput(f"usage error: --link-expiry: {e.message}") from e
     key = _pseudonym_key()
     try:
         target = open_target(
@@ -220,7 +199,7 @@ def export_command(
             ),
         )
     except ExportTargetError as e:
-        _fail(f"usage error: --to: {e}", EXIT_CONFIG)
+        raise BadInput(f"usage error: --to: {e}") from e
     request = ExportRequest(
         selection=selection,
         destination=destination,
@@ -237,28 +216,17 @@ def export_command(
     try:
         report = run_export(config, request, progress=ProgressBar())
     except (StateError, SelectionError, DestinationRefused) as e:
-        _fail(f"usage error: {e}", EXIT_CONFIG)
+        raise BadInput(f"usage error: {e}") from e
     except ExportError as e:
-        _fail(
+        raise Failure(
             f"error: {e}\nexport {request.export_id} stopped; run the same command again to "
-            "resume it",
-            EXIT_FAILURE,
-        )
+            "resume it"
+        ) from e
     except OSError as e:
-        _fail(f"error: {e}; run the same command again to resume", EXIT_FAILURE)
+        raise Failure(f"error: {e}; run the same command again to resume") from e
     _print_report(report, target.description)
     if not report.complete:
-        sys.exit(EXIT_FAILURE)
-
-
-def _setup_logging(config: Config) -> None:
-    level = "WARNING" if config.logging.level == "INFO" else config.logging.level
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+        raise Failure()
 
 
 def _dry_run(config: Config, selection: Selection) -> None:
@@ -267,7 +235,7 @@ def _dry_run(config: Config, selection: Selection) -> None:
     try:
         items = _select(config, selection)
     except (ExportError, SelectionError) as e:
-        _fail(f"error: {e}", EXIT_FAILURE)
+        raise Failure(f"error: {e}") from e
     studies = {i.study_uid for i in items}
     series = {i.series_uid for i in items}
     evicted = sum(1 for i in items if i.cache_path is None)

@@ -1,0 +1,339 @@
+"""`pacs-node restore` and `pacs-node drill`: the index rebuilt from the bucket, for real or as
+a rehearsal, with their reports."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pacs_node.cli.errors import BadInput, Failure
+from pacs_node.cli.options import (
+    concurrency_option,
+    config_options,
+    required_target,
+    setup_tool_logging,
+)
+from pacs_node.cli.output import DETAIL_LINES, audit_event, echo_capped, iso
+from pacs_node.config import Config
+from pacs_node.index import IndexFailure
+from pacs_node.parts import describe_target
+from pacs_node.progress import ProgressBar
+from pacs_node.replication.drill import DrillReport
+from pacs_node.replication.drill import drill as run_drill
+from pacs_node.replication.restore import (
+    NothingToRestore,
+    Problem,
+    RestoreError,
+    RestoreOptions,
+    RestoreReport,
+)
+from pacs_node.replication.restore import restore as restore_index
+from pacs_node.storage.bucket import TargetError
+
+
+@click.command()
+@config_options
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Say what would be restored (the snapshot is fetched and checked in a temporary "
+    "directory, the bucket listed); write nothing.",
+)
+@click.option(
+    "--if-missing",
+    is_flag=True,
+    help="Do nothing (exit 0) when an index exists, and when the bucket holds nothing: safe "
+    "to run at every boot before `serve`.",
+)
+@click.option("--force", is_flag=True, help="Replace an existing index (stop the node first).")
+@click.option(
+    "--no-snapshot",
+    is_flag=True,
+    help="Ignore index snapshots: rebuild the whole index from object metadata (slower; for "
+    "when snapshots are lost or suspect).",
+)
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Also hash every object against its SHA-256 (downloads the whole bucket).",
+)
+@concurrency_option
+def restore(
+    config: Config,
+    dry_run: bool,
+    if_missing: bool,
+    force: bool,
+    no_snapshot: bool,
+    verify: bool,
+    concurrency: int,
+) -> None:
+    """Rebuild the index from the bucket, on a new machine with only this config.
+
+    Fetches the newest index snapshot from <prefix>/index/snapshots/ (checked: SHA-256 from
+    its manifest, SQLite integrity check; a damaged one is reported and the previous one is
+    tried, then object metadata alone), then indexes every object under <prefix>/instances/
+    that the snapshot does not cover from the object itself (its metadata, and the C-FIND
+    attributes from its first 64 KiB). Restored instances are evicted (their bytes are read
+    from the bucket on demand) and replicated: nothing is uploaded again. The index is built
+    beside the final one and renamed into place only once complete and checked. The bucket
+    is only read.
+
+    Objects that cannot be indexed (metadata or dataset unreadable) and snapshot instances
+    whose object is gone are named and left out, never fatal. Refuses to replace an existing
+    index unless --force, and refuses --force while the node answers on its port.
+
+    Exit codes: 0 restored (or nothing to do with --if-missing); 1 the restore failed (bucket
+    unreachable, nothing in the bucket, the result failed its check: nothing was installed),
+    --verify found damaged objects (the index was installed; they are named), or --force
+    while the node runs; 2 bad configuration or usage (no replication target; an index exists
+    and neither --force nor --if-missing was given).
+    """
+    if if_missing and force:
+        raise BadInput("usage error: --if-missing and --force exclude each other")
+    setup_tool_logging(config)
+    target = required_target(config, "restore")
+    where = describe_target(config.replication)
+    path = config.index.path
+    if path.exists():
+        if if_missing:
+            click.echo(f"index exists at {path}: nothing to do (--if-missing)")
+            return
+        if not force:
+            raise BadInput(
+                f"refused: an index exists at {path}; restore never replaces it unless --force "
+                "(stop the node first), and --if-missing does nothing when it exists"
+            )
+        if not dry_run:
+            if _node_answers(config):
+                # Replacing the index under a running node would corrupt what it writes.
+                raise Failure(
+                    f"refused: something answers on {config.dicom.host}:{config.dicom.port}, "
+                    "probably this node; stop it before `restore --force`"
+                )
+            click.echo(f"--force: the index at {path} will be replaced", err=True)
+    options = RestoreOptions(
+        use_snapshot=not no_snapshot,
+        verify=verify,
+        dry_run=dry_run,
+        replace_existing=force,
+        concurrency=concurrency,
+    )
+    click.echo(f"restore{' (dry run)' if dry_run else ''} from {where} into {path}")
+    try:
+        report = restore_index(
+            target,
+            config.replication.prefix,
+            path,
+            options=options,
+            progress=ProgressBar(),
+            busy_timeout_s=config.index.busy_timeout_s,
+        )
+    except NothingToRestore as e:
+        if if_missing:
+            click.echo(f"{e}; nothing restored (--if-missing): the node starts empty")
+            return
+        raise Failure(f"error: {e}") from e
+    except TargetError as e:
+        raise Failure(f"error: replication target {where}: {e}; nothing installed") from e
+    except (RestoreError, IndexFailure, OSError) as e:
+        raise Failure(f"error: {e}; nothing installed") from e
+    _print_restore(report)
+    if not dry_run:
+        audit_event(
+            config,
+            "index_restored",
+            target=where,
+            snapshot=report.snapshot.snapshot_key if report.snapshot else None,
+            from_snapshot=report.from_snapshot,
+            from_metadata=report.from_metadata,
+            lost=len(report.lost),
+            skipped=len(report.skipped),
+            size_differs=len(report.size_differs),
+            verified=report.verified if verify else None,
+            corrupt=len(report.corrupt),
+            seconds=round(report.seconds, 3),
+            forced=force,
+        )
+    if report.corrupt:
+        raise Failure()
+
+
+def _node_answers(config: Config) -> bool:
+    host = "127.0.0.1" if config.dicom.host in ("0.0.0.0", "::", "") else config.dicom.host
+    try:
+        with socket.create_connection((host, config.dicom.port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _print_problems(kind: str, problems: list[Problem]) -> None:
+    echo_capped(kind, [p.describe() for p in problems])
+
+
+def _print_restore(r: RestoreReport) -> None:
+    for text in r.notes:
+        click.echo(f"note: {text}")
+    if r.snapshot is not None:
+        s = r.snapshot
+        click.echo(
+            f"snapshot: {s.snapshot_key} (taken {s.created_at}, {s.instances} instances, "
+            f"newest received {s.newest_received_at or '-'})"
+        )
+    else:
+        click.echo("snapshot: none used (the index is rebuilt from object metadata)")
+    _print_problems("LOST", r.lost)
+    _print_problems("skipped", r.skipped)
+    _print_problems("SIZE DIFFERS", r.size_differs)
+    _print_problems("CORRUPT", r.corrupt)
+    if r.dry_run:
+        click.echo(
+            f"dry run: would restore {r.instances} instances ({r.from_snapshot} from the "
+            f"snapshot, {r.from_metadata} objects to index from their metadata); "
+            f"{len(r.lost)} in the snapshot without an object; {r.listed} objects listed; "
+            "nothing was written"
+        )
+        return
+    click.echo(
+        f"restored {r.instances} instances ({r.from_snapshot} from the snapshot, "
+        f"{r.from_metadata} from object metadata) in {r.seconds:.1f} s "
+        f"({r.rate:.0f} instances/s); lost {len(r.lost)}, skipped {len(r.skipped)}, "
+        f"size differs {len(r.size_differs)}"
+        + (f", verified {r.verified}, corrupt {len(r.corrupt)}" if r.verified else "")
+    )
+    if r.result is not None:
+        click.echo(
+            f"index: {r.result.patients} patients, {r.result.studies} studies, "
+            f"{r.result.series} series, {r.result.instances} instances at {r.installed}"
+        )
+    click.echo(
+        "the node can start now: C-FIND answers at once; instance bytes are read from the "
+        "bucket on demand"
+    )
+
+
+@click.command()
+@config_options
+@click.option(
+    "--scratch",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where to restore (default: a temporary directory, removed afterwards).",
+)
+@click.option("--keep", is_flag=True, help="Keep the restored index in the scratch directory.")
+@click.option("--no-snapshot", is_flag=True, help="Rehearse a restore from object metadata alone.")
+@click.option("--verify", is_flag=True, help="Also hash every object against its SHA-256.")
+@concurrency_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def drill(
+    config: Config,
+    scratch: Path | None,
+    keep: bool,
+    no_snapshot: bool,
+    verify: bool,
+    concurrency: int,
+    as_json: bool,
+) -> None:
+    """Disaster-recovery rehearsal: restore the bucket into a scratch directory and compare.
+
+    Never touches the live node's data: the live index is only read (safe beside a running
+    node), the bucket only read, and the restore goes to the scratch directory. Reports the
+    recovery point (age of the oldest instance still waiting for upload: what a loss now
+    would cost), the recovery time (how long the index restore took) and every live instance,
+    replicated before the drill began, that would not come back identical (by SOP Instance
+    UID: object missing or damaged in the bucket, row missing or different in the restored
+    index). Exit codes: 0 no difference; 1 differences, or the restore could not be done;
+    2 bad configuration (no replication target, no live index).
+    """
+    setup_tool_logging(config)
+    target = required_target(config, "drill")
+    where = describe_target(config.replication)
+    if not config.index.path.exists():
+        raise BadInput(f"configuration error: no live index at {config.index.path}")
+    options = RestoreOptions(use_snapshot=not no_snapshot, verify=verify, concurrency=concurrency)
+    try:
+        report = run_drill(
+            target,
+            config.replication.prefix,
+            config.index.path,
+            scratch=scratch,
+            keep=keep,
+            options=options,
+            progress=ProgressBar(),
+            busy_timeout_s=config.index.busy_timeout_s,
+        )
+    except (NothingToRestore, RestoreError, IndexFailure, OSError, ValueError) as e:
+        raise Failure(f"drill FAILED: the restore could not be done: {e}") from e
+    except TargetError as e:
+        raise Failure(f"drill FAILED: replication target {where}: {e}") from e
+    if as_json:
+        click.echo(json.dumps(_drill_json(report, where), indent=2))
+    else:
+        _print_drill(report, where)
+    if not report.passed:
+        raise Failure()
+
+
+def _drill_json(d: DrillReport, where: str) -> dict[str, Any]:
+    r, c = d.restore, d.comparison
+    return {
+        "target": where,
+        "passed": d.passed,
+        "started_at": iso(d.started_at),
+        "recovery_point_s": round(d.recovery_point_s, 3),
+        "pending_uploads": d.live.pending,
+        "recovery_time_s": round(d.recovery_time_s, 3),
+        "restored_instances": r.instances,
+        "from_snapshot": r.from_snapshot,
+        "from_metadata": r.from_metadata,
+        "snapshot": r.snapshot.snapshot_key if r.snapshot else None,
+        "instances_per_s": round(r.rate, 1),
+        "live_instances": c.live,
+        "judged": c.judged,
+        "identical": c.identical,
+        "not_judged": c.not_judged,
+        "extra_in_bucket": c.extra,
+        "notes": r.notes,
+        "differences": [
+            {"sop_uid": x.sop_uid, "version": x.version, "problem": x.problem, "detail": x.detail}
+            for x in d.differences
+        ],
+        "scratch": str(d.scratch) if d.scratch else None,
+    }
+
+
+def _print_drill(d: DrillReport, where: str) -> None:
+    r, c = d.restore, d.comparison
+    click.echo(f"drill: {where} restored into a scratch directory, compared with the live index")
+    for text in r.notes:
+        click.echo(f"note: {text}")
+    if d.live.pending:
+        click.echo(
+            f"recovery point: {d.recovery_point_s:.0f} s ({d.live.pending} instance(s) "
+            "waiting for upload would be lost now)"
+        )
+    else:
+        click.echo("recovery point: 0 s (every instance is in the bucket)")
+    source = f"snapshot {r.snapshot.snapshot_key}" if r.snapshot else "no snapshot"
+    click.echo(
+        f"recovery time: {d.recovery_time_s:.1f} s to restore the index of {r.instances} "
+        f"instances ({r.rate:.0f} instances/s; {source} + {r.from_metadata} from object metadata)"
+    )
+    click.echo(
+        f"compared: {c.live} live instance versions; {c.judged} replicated before the drill, "
+        f"{c.identical} identical; {c.not_judged} not judged (pending, or replicated during "
+        f"the drill); {c.extra} restored that the live index does not have"
+    )
+    for x in d.differences[:DETAIL_LINES]:
+        click.echo(f"DIFFERENCE: {x.sop_uid} v{x.version}: {x.problem}: {x.detail}")
+    if len(d.differences) > DETAIL_LINES:
+        click.echo(f"DIFFERENCE: ... and {len(d.differences) - DETAIL_LINES} more")
+    if d.scratch is not None:
+        click.echo(f"restored index kept in {d.scratch}")
+    if d.passed:
+        click.echo("drill PASSED")
+    else:
+        click.echo(f"drill FAILED: {len(d.differences)} difference(s)")
