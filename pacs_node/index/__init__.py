@@ -1,6 +1,7 @@
 """The only code that imports peewee: schema, migrations, queries returning plain objects."""
 
-from pacs_node.index.catalog import DuplicateVersion, Index, IndexBusy, IndexFailure
+from pacs_node.index.catalog import Index
+from pacs_node.index.db import DuplicateVersion, IndexBusy, IndexFailure
 from pacs_node.index.query import SUPPORTED_KEYS, FindRequest, QueryError
 from pacs_node.index.records import (
     ClaimedJob,

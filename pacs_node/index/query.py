@@ -118,7 +118,7 @@ SUPPORTED_KEYS: dict[str, frozenset[str]] = {
 _Cond = tuple[str, list[object]]
 
 
-# -- names from the models (as catalog._HotSql does) ------------------------------------------
+# -- names from the models (as instances.InstanceRows does) -----------------------------------
 
 
 def _model(models: Models, level: int) -> type[pw.Model]:
