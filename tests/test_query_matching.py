@@ -20,7 +20,7 @@ from pacs_node.index import (
     RetrieveItem,
 )
 from pacs_node.index.db import utcnow
-from pacs_node.index.query import pn_matches
+from pacs_node.index.matching import pn_matches
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
