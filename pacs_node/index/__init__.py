@@ -1,9 +1,9 @@
 """The only code that imports peewee: schema, migrations, queries returning plain objects.
 
 This module is the public surface; `Index` (catalog.py) is the facade the node holds, over
-one room per concern (db, instances, queue, cache_state, query with matching). Where a `replication/X.py`
-exists beside an `index/X.py` (reconcile, snapshot, restore, drill), the index module holds
-its SQL half and the replication module everything else.
+one room per concern (db, instances, queue, cache_state, query with matching). Where a
+`replication/X.py` exists beside an `index/X.py` (reconcile, snapshot, restore, drill), the
+index module holds its SQL half and the replication module everything else.
 """
 
 from pacs_node.index.catalog import Index
