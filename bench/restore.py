@@ -55,7 +55,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian  # noqa: E402
 
 from pacs_node.dataset import read_attributes_from_prefix  # noqa: E402
 from pacs_node.index import Index, NewInstance  # noqa: E402
-from pacs_node.index.restore import compare, mark_restored  # noqa: E402
+from pacs_node.index.drill import compare  # noqa: E402
+from pacs_node.index.restore import mark_restored  # noqa: E402
 from pacs_node.replication.restore import RestoreOptions, restore  # noqa: E402
 from pacs_node.replication.snapshot import take_snapshot  # noqa: E402
 from pacs_node.storage.bucket import (  # noqa: E402

@@ -21,7 +21,7 @@ from pacs_node.config import DuplicatesConfig
 from pacs_node.dataset import DatasetUnreadable, read_attributes
 from pacs_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from pacs_node.index import Index, IndexFailure, NewInstance
-from pacs_node.index.catalog import utcnow
+from pacs_node.index.db import utcnow
 from pacs_node.storage.cache import (
     Cache,
     CacheError,

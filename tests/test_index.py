@@ -12,7 +12,7 @@ import peewee as pw
 import pytest
 
 from pacs_node.index import Index, IndexBusy, IndexFailure, NewInstance
-from pacs_node.index.catalog import utcnow
+from pacs_node.index.db import utcnow
 from pacs_node.index.schema import MIGRATIONS, SCHEMA_VERSION, build_models
 from tests.factory import ATTRIBUTES
 
@@ -172,9 +172,9 @@ def test_a_group_commit_with_one_bad_row_fails_only_that_row(tmp_path: Path) -> 
     for a in adders:
         a.start()
     deadline = time.monotonic() + 5
-    while len(index._queue) < 3 and time.monotonic() < deadline:
+    while len(index.instances._queue) < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert len(index._queue) == 3  # all three wait for one commit
+    assert len(index.instances._queue) == 3  # all three wait for one commit
     release.set()
     holder.join()
     for a in adders:

@@ -19,8 +19,8 @@ from pacs_node.index import (
     QueryError,
     RetrieveItem,
 )
-from pacs_node.index.catalog import utcnow
-from pacs_node.index.query import pn_matches
+from pacs_node.index.db import utcnow
+from pacs_node.index.matching import pn_matches
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"

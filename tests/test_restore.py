@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -119,42 +120,70 @@ def flip_object_byte(client: Any, bucket: str, key: str, at: int | None = None) 
     client.put_object(Bucket=bucket, Key=key, Body=bytes(data), Metadata=got["Metadata"])
 
 
+@dataclass
+class Site:
+    """A node's site as the operator has it: a data directory, its [replication] section, a
+    TOML config for the CLI, and the in-process node started on it."""
+
+    data: Path
+    replication: dict[str, Any]
+    config: Path
+    snapshots: dict[str, Any]
+    port: int | None  # None: each start (and the config) on a port of its own
+    start_node: Callable[..., RunningNode]
+
+    def start(
+        self,
+        *,
+        replication: dict[str, Any] | None = None,
+        peers: list[dict[str, Any]] | None = None,
+        **snapshots: Any,
+    ) -> RunningNode:
+        """The node on this site; `snapshots` add to the site's own [snapshots] values."""
+        return self.start_node(
+            data_dir=self.data,
+            dicom={"port": self.port or free_port()},
+            replication=self.replication if replication is None else replication,
+            snapshots={**self.snapshots, **snapshots},
+            peers=[*CALLERS, *(peers or [])],
+        )
+
+    def session(self, folder: Path, count: int, **snapshots: Any) -> tuple[RunningNode, list[Made]]:
+        """Start the node, store `count` new instances from `folder`, wait until they are
+        replicated, stop it (a clean stop takes a snapshot, unless on_stop=False)."""
+        node = self.start(**snapshots)
+        made = ingest_new(node, folder, count)
+        node.node.stop(drain_timeout_s=5)
+        return node, made
+
+
 @pytest.fixture
-def site(tmp_path: Path, s3_server: Any, bucket: str) -> Callable[..., tuple[dict[str, Any], Path]]:
-    """`site(data_dir, **snapshots)`: the [replication] section and a TOML config for it."""
+def site(
+    tmp_path: Path, start_node: Callable[..., RunningNode], request: pytest.FixtureRequest
+) -> Callable[..., Site]:
+    """`site(**snapshots)`: the site in tmp_path/"node" replicating to the moto bucket, its
+    config in tmp_path/"node.toml"; `port=` pins the node's port (config and every start),
+    `replication=` replaces the bucket (then the moto server is not needed)."""
 
     def make(
-        data_dir: Path, port: int | None = None, **snapshots: Any
-    ) -> tuple[dict[str, Any], Path]:
-        replication = replication_section(bucket, s3_server.endpoint_url)
+        *, port: int | None = None, replication: dict[str, Any] | None = None, **snapshots: Any
+    ) -> Site:
+        data = tmp_path / "node"
+        if replication is None:
+            s3_server = request.getfixturevalue("s3_server")
+            bucket = request.getfixturevalue("bucket")
+            replication = replication_section(bucket, s3_server.endpoint_url)
         config = write_config(
-            tmp_path / f"{data_dir.name}.toml",
-            data_dir,
+            tmp_path / f"{data.name}.toml",
+            data,
             port or free_port(),
             replication,
             snapshots=snapshots,
             peers=CALLERS,
         )
-        return replication, config
+        return Site(data, replication, config, snapshots, port, start_node)
 
     return make
-
-
-def start(
-    start_node: Callable[..., RunningNode],
-    data_dir: Path,
-    replication: dict[str, Any],
-    peers: list[dict[str, Any]] | None = None,
-    port: int | None = None,
-    **snapshots: Any,
-) -> RunningNode:
-    return start_node(
-        data_dir=data_dir,
-        dicom={"port": port or free_port()},
-        replication=replication,
-        snapshots=snapshots,
-        peers=[*CALLERS, *(peers or [])],
-    )
 
 
 def drain(node: RunningNode) -> None:
@@ -266,17 +295,16 @@ def snapshot_keys(client: Any, bucket: str) -> list[str]:
 
 
 def test_restore_after_losing_the_node_serves_c_find_and_c_move_as_before(
-    start_node: Callable[..., RunningNode],
     start_storescp: Callable[..., StoreSCP],
-    site: Callable[..., tuple[dict[str, Any], Path]],
+    site: Callable[..., Site],
     s3_server: Any,
     bucket: str,
     tmp_path: Path,
 ) -> None:
-    data = tmp_path / "node"
     dest = start_storescp()
-    replication, config = site(data)
-    node = start(start_node, data, replication, peers=[dest.peer()])
+    home = site()
+    data, config = home.data, home.config
+    node = home.start(peers=[dest.peer()])
     made = make_folder(
         tmp_path / "in", 500, syntaxes=[ExplicitVRLittleEndian], patients=10, studies_per_patient=3
     )
@@ -303,7 +331,7 @@ def test_restore_after_losing_the_node_serves_c_find_and_c_move_as_before(
     assert "instances/s" in result.stdout
     assert_restored_equals(data / "index.sqlite3", original)
 
-    restored = start(start_node, data, replication, peers=[dest.peer()])
+    restored = home.start(peers=[dest.peer()])
     assert find_all_levels(restored) == before  # C-FIND answers at once, identical
 
     # Every instance comes back by C-MOVE with the SHA-256 it was received with: the cache is
@@ -376,15 +404,14 @@ def _populate_history(node: RunningNode, tmp_path: Path) -> None:
 
 
 def test_no_snapshot_and_no_snapshot_in_the_bucket_give_the_same_index(
-    start_node: Callable[..., RunningNode],
-    site: Callable[..., tuple[dict[str, Any], Path]],
+    site: Callable[..., Site],
     s3_server: Any,
     bucket: str,
     tmp_path: Path,
 ) -> None:
-    data = tmp_path / "node"
-    replication, config = site(data)
-    node = start(start_node, data, replication)
+    home = site()
+    config = home.config
+    node = home.start()
     _populate_history(node, tmp_path)
     node.node.stop(drain_timeout_s=5)
     original = index_view(node.config.index.path)
@@ -412,17 +439,12 @@ def test_no_snapshot_and_no_snapshot_in_the_bucket_give_the_same_index(
 
 
 def test_out_of_order_objects_still_give_the_first_instances_values(
-    start_node: Callable[..., RunningNode],
-    site: Callable[..., tuple[dict[str, Any], Path]],
-    s3_server: Any,
-    bucket: str,
+    site: Callable[..., Site],
     tmp_path: Path,
 ) -> None:
     """One instance per transaction, in key order (not arrival order): each study, series and
     patient row must still end up with the values of the instance that arrived first."""
-    data = tmp_path / "node"
-    replication, _config = site(data, on_stop=False)
-    node = start(start_node, data, replication, on_stop=False)
+    node = site(on_stop=False).start()
     _populate_history(node, tmp_path)
     original = index_view(node.config.index.path)
     target = build_target(target_settings(node.config.replication))
@@ -437,18 +459,13 @@ def test_out_of_order_objects_still_give_the_first_instances_values(
 
 
 def test_instances_after_the_last_snapshot_come_from_object_metadata(
-    start_node: Callable[..., RunningNode],
-    site: Callable[..., tuple[dict[str, Any], Path]],
+    site: Callable[..., Site],
     tmp_path: Path,
 ) -> None:
-    data = tmp_path / "node"
-    replication, config = site(data)
-    node = start(start_node, data, replication)
-    ingest_new(node, tmp_path / "a", 30)
-    node.node.stop(drain_timeout_s=5)  # snapshot of 30
-    node = start(start_node, data, replication, on_stop=False)
-    ingest_new(node, tmp_path / "b", 20)
-    node.node.stop(drain_timeout_s=5)  # no snapshot: as if the node had died
+    home = site()
+    config = home.config
+    home.session(tmp_path / "a", 30)  # snapshot of 30
+    node, _made = home.session(tmp_path / "b", 20, on_stop=False)  # as if the node had died
     original = index_view(node.config.index.path)
     assert len(original["instances"]) == 50
 
@@ -462,15 +479,14 @@ def test_instances_after_the_last_snapshot_come_from_object_metadata(
 
 
 def test_if_missing_does_nothing_and_an_existing_index_is_never_replaced_without_force(
-    start_node: Callable[..., RunningNode],
-    site: Callable[..., tuple[dict[str, Any], Path]],
+    site: Callable[..., Site],
     tmp_path: Path,
 ) -> None:
-    data, port = tmp_path / "node", free_port()
-    replication, config = site(data, port=port)
-    node = start(start_node, data, replication, port=port)
+    home = site(port=free_port())
+    config = home.config
+    node = home.start()
     ingest_new(node, tmp_path / "in", 5)
-    index = data / "index.sqlite3"
+    index = home.data / "index.sqlite3"
 
     # While the node runs: --force is refused too (the node answers on its port).
     result = cli(config, "restore", "--force")
@@ -498,10 +514,10 @@ def test_if_missing_does_nothing_and_an_existing_index_is_never_replaced_without
 
 
 def test_if_missing_on_an_empty_bucket_starts_empty_and_plain_restore_fails(
-    site: Callable[..., tuple[dict[str, Any], Path]], tmp_path: Path
+    site: Callable[..., Site],
 ) -> None:
-    data = tmp_path / "node"
-    _replication, config = site(data)
+    home = site()
+    data, config = home.data, home.config
     result = cli(config, "restore")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "nothing to restore" in result.stderr
@@ -519,15 +535,12 @@ def test_restore_without_a_replication_target_is_a_configuration_error(tmp_path:
 
 
 def test_leftovers_of_a_crashed_restore_are_not_an_index(
-    start_node: Callable[..., RunningNode],
-    site: Callable[..., tuple[dict[str, Any], Path]],
+    site: Callable[..., Site],
     tmp_path: Path,
 ) -> None:
-    data = tmp_path / "node"
-    replication, config = site(data)
-    node = start(start_node, data, replication)
-    ingest_new(node, tmp_path / "in", 6)
-    node.node.stop(drain_timeout_s=5)
+    home = site()
+    config = home.config
+    home.session(tmp_path / "in", 6)
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     # What a restore killed halfway leaves: a partial index under its work name, a download.
@@ -540,17 +553,13 @@ def test_leftovers_of_a_crashed_restore_are_not_an_index(
 
 
 def test_a_restore_killed_midway_leaves_no_index_and_the_next_boot_restores(
-    start_node: Callable[..., RunningNode],
-    site: Callable[..., tuple[dict[str, Any], Path]],
+    site: Callable[..., Site],
     s3_server: Any,
-    bucket: str,
     tmp_path: Path,
 ) -> None:
-    data = tmp_path / "node"
-    replication, _config = site(data)
-    node = start(start_node, data, replication)
-    ingest_new(node, tmp_path / "in", 10)
-    node.node.stop(drain_timeout_s=5)
+    home = site()
+    replication = home.replication
+    home.session(tmp_path / "in", 10)
     fresh = tmp_path / "fresh"
     with FaultProxy(s3_server.port) as proxy:
         config = write_config(
@@ -584,15 +593,14 @@ def test_a_restore_killed_midway_leaves_no_index_and_the_next_boot_restores(
 
 
 def test_drill_passes_on_a_healthy_node_and_names_an_object_deleted_from_the_bucket(
-    start_node: Callable[..., RunningNode],
-    site: Callable[..., tuple[dict[str, Any], Path]],
+    site: Callable[..., Site],
     s3_server: Any,
     bucket: str,
     tmp_path: Path,
 ) -> None:
-    data = tmp_path / "node"
-    replication, config = site(data)
-    node = start(start_node, data, replication)  # keeps running: the drill reads beside it
+    home = site()
+    data, config = home.data, home.config
+    node = home.start()  # keeps running: the drill reads beside it
     made = make_folder(tmp_path / "in", 30, syntaxes=[ExplicitVRLittleEndian])
     ingest(node, tmp_path / "in", made)
     index = node.config.index.path
@@ -624,18 +632,15 @@ def test_drill_passes_on_a_healthy_node_and_names_an_object_deleted_from_the_buc
 
 
 def test_drill_reports_the_recovery_point_of_a_queue_that_cannot_drain(
-    start_node: Callable[..., RunningNode],
-    site: Callable[..., tuple[dict[str, Any], Path]],
+    site: Callable[..., Site],
     tmp_path: Path,
 ) -> None:
-    data = tmp_path / "node"
-    replication, config = site(data)
-    node = start(start_node, data, replication)
-    ingest_new(node, tmp_path / "in", 8)
-    node.node.stop(drain_timeout_s=5)
+    home = site()
+    config = home.config
+    home.session(tmp_path / "in", 8)
     # Two instances received while the bucket was unreachable: still queued.
-    offline = {**replication, "endpoint_url": f"http://127.0.0.1:{free_port()}"}
-    node = start(start_node, data, offline, on_stop=False)
+    offline = {**home.replication, "endpoint_url": f"http://127.0.0.1:{free_port()}"}
+    node = home.start(replication=offline, on_stop=False)
     made = make_folder(tmp_path / "late", 2, syntaxes=[ExplicitVRLittleEndian])
     store_folder(node.port, tmp_path / "late")
     node.node.stop(drain_timeout_s=5)
@@ -649,15 +654,14 @@ def test_drill_reports_the_recovery_point_of_a_queue_that_cannot_drain(
 
 
 def test_drill_names_an_instance_the_restore_would_bring_back_different(
-    start_node: Callable[..., RunningNode],
-    site: Callable[..., tuple[dict[str, Any], Path]],
+    site: Callable[..., Site],
     tmp_path: Path,
 ) -> None:
     """A second version reviewed after the last snapshot: the objects cannot say so, the
     snapshot says "needs review", so a restore now would bring that flag back."""
-    data = tmp_path / "node"
-    replication, config = site(data)
-    node = start(start_node, data, replication)
+    home = site()
+    config = home.config
+    node = home.start()
     made = ingest_new(node, tmp_path / "in", 4)
     _send_version_two(node, tmp_path / "v2", made[1])
     node.node.stop(drain_timeout_s=5)  # the snapshot: version 2 needs review
@@ -677,31 +681,14 @@ def test_drill_names_an_instance_the_restore_would_bring_back_different(
 # -- snapshots: retention, damage, dry run, --verify, bad objects ------------------------------
 
 
-def _node_with(
-    start_node: Callable[..., RunningNode],
-    site: Callable[..., tuple[dict[str, Any], Path]],
-    tmp_path: Path,
-    count: int,
-    **snapshots: Any,
-) -> tuple[RunningNode, Path, list[Made]]:
-    data = tmp_path / "node"
-    replication, config = site(data, **snapshots)
-    node = start(start_node, data, replication, **snapshots)
-    made = make_folder(tmp_path / "in", count, syntaxes=[ExplicitVRLittleEndian])
-    ingest(node, tmp_path / "in", made)
-    return node, config, made
-
-
 def test_snapshot_pruning_keeps_retain_and_the_schedule_skips_an_unchanged_index(
-    start_node: Callable[..., RunningNode],
-    site: Callable[..., tuple[dict[str, Any], Path]],
+    site: Callable[..., Site],
     s3_server: Any,
     bucket: str,
     tmp_path: Path,
 ) -> None:
-    node, _config, _made = _node_with(
-        start_node, site, tmp_path, 4, retain=2, interval_s=0.3, on_stop=False
-    )
+    node = site(retain=2, interval_s=0.3, on_stop=False).start()
+    ingest_new(node, tmp_path / "in", 4)
     client = s3(s3_server)
     # The schedule took snapshots while the index changed (at most `retain` are kept), then
     # none while it stays unchanged.
@@ -730,20 +717,15 @@ def test_snapshot_pruning_keeps_retain_and_the_schedule_skips_an_unchanged_index
 
 
 def test_a_corrupted_snapshot_is_detected_and_restore_falls_back(
-    start_node: Callable[..., RunningNode],
-    site: Callable[..., tuple[dict[str, Any], Path]],
+    site: Callable[..., Site],
     s3_server: Any,
     bucket: str,
     tmp_path: Path,
 ) -> None:
-    data = tmp_path / "node"
-    replication, config = site(data)
-    node = start(start_node, data, replication)
-    ingest_new(node, tmp_path / "a", 20)
-    node.node.stop(drain_timeout_s=5)  # snapshot 1: 20 instances
-    node = start(start_node, data, replication)
-    ingest_new(node, tmp_path / "b", 10)
-    node.node.stop(drain_timeout_s=5)  # snapshot 2: 30 instances
+    home = site()
+    config = home.config
+    home.session(tmp_path / "a", 20)  # snapshot 1: 20 instances
+    node, _made = home.session(tmp_path / "b", 10)  # snapshot 2: 30 instances
     original = index_view(node.config.index.path)
     client = s3(s3_server)
     target = build_target(target_settings(node.config.replication))
@@ -768,16 +750,16 @@ def test_a_corrupted_snapshot_is_detected_and_restore_falls_back(
 
 
 def test_a_snapshot_that_fails_its_integrity_check_is_not_used(
-    start_node: Callable[..., RunningNode],
-    site: Callable[..., tuple[dict[str, Any], Path]],
+    site: Callable[..., Site],
     s3_server: Any,
     bucket: str,
     tmp_path: Path,
 ) -> None:
     """A snapshot whose manifest matches it but whose content is not sound (damaged before
     it was compressed): the integrity check catches what the SHA-256 cannot."""
-    node, config, _made = _node_with(start_node, site, tmp_path, 12)
-    node.node.stop(drain_timeout_s=5)
+    home = site()
+    config = home.config
+    node, _made = home.session(tmp_path / "in", 12)
     client = s3(s3_server)
     target = build_target(target_settings(node.config.replication))
     (snap,) = list_snapshots(target, PREFIX)
@@ -814,14 +796,14 @@ def test_a_snapshot_that_fails_its_integrity_check_is_not_used(
 
 
 def test_dry_run_writes_nothing(
-    start_node: Callable[..., RunningNode],
-    site: Callable[..., tuple[dict[str, Any], Path]],
+    site: Callable[..., Site],
     s3_server: Any,
     bucket: str,
     tmp_path: Path,
 ) -> None:
-    node, config, _made = _node_with(start_node, site, tmp_path, 10)
-    node.node.stop(drain_timeout_s=5)
+    home = site()
+    config = home.config
+    node, _made = home.session(tmp_path / "in", 10)
     client = s3(s3_server)
     before = keys(client, bucket)
     empty = tmp_path / "empty-machine"
@@ -840,14 +822,14 @@ def test_dry_run_writes_nothing(
 
 
 def test_verify_catches_an_object_whose_bytes_do_not_match_its_sha256(
-    start_node: Callable[..., RunningNode],
-    site: Callable[..., tuple[dict[str, Any], Path]],
+    site: Callable[..., Site],
     s3_server: Any,
     bucket: str,
     tmp_path: Path,
 ) -> None:
-    node, config, made = _node_with(start_node, site, tmp_path, 10)
-    node.node.stop(drain_timeout_s=5)
+    home = site()
+    config = home.config
+    node, made = home.session(tmp_path / "in", 10)
     row = instance_rows(node.config.index.path)[(made[3].sop_uid, 1)]
     flip_object_byte(s3(s3_server), bucket, f"{INSTANCES}{row['cache_path']}")
 
@@ -862,14 +844,14 @@ def test_verify_catches_an_object_whose_bytes_do_not_match_its_sha256(
 
 
 def test_objects_that_do_not_parse_are_reported_and_skipped_and_lost_ones_named(
-    start_node: Callable[..., RunningNode],
-    site: Callable[..., tuple[dict[str, Any], Path]],
+    site: Callable[..., Site],
     s3_server: Any,
     bucket: str,
     tmp_path: Path,
 ) -> None:
-    node, config, made = _node_with(start_node, site, tmp_path, 8)
-    node.node.stop(drain_timeout_s=5)
+    home = site()
+    config = home.config
+    node, made = home.session(tmp_path / "in", 8)
     client = s3(s3_server)
     stray = f"{INSTANCES}00/1.2.3/1.2.3.4/1.2.3.4.5.dcm"
     client.put_object(Bucket=bucket, Key=stray, Body=b"not ours, no metadata")
@@ -903,19 +885,13 @@ def test_objects_that_do_not_parse_are_reported_and_skipped_and_lost_ones_named(
     assert set(rows) == {(m.sop_uid, 1) for m in made if m is not made[2]}
 
 
-def test_restore_from_a_directory_target(
-    start_node: Callable[..., RunningNode], tmp_path: Path
-) -> None:
+def test_restore_from_a_directory_target(site: Callable[..., Site], tmp_path: Path) -> None:
     nas = tmp_path / "nas"
     nas.mkdir()
     replication = {"target": "directory", "directory": str(nas), "prefix": PREFIX}
-    data = tmp_path / "node"
-    node = start(start_node, data, replication)
-    ingest_new(node, tmp_path / "a", 12)
-    node.node.stop(drain_timeout_s=5)
-    node = start(start_node, data, replication, on_stop=False)
-    ingest_new(node, tmp_path / "b", 3)
-    node.node.stop(drain_timeout_s=5)
+    home = site(replication=replication)
+    home.session(tmp_path / "a", 12)
+    node, _made = home.session(tmp_path / "b", 3, on_stop=False)
     original = index_view(node.config.index.path)
     assert len(list((nas / PREFIX / "index" / "snapshots").iterdir())) == 2
     config = write_config(tmp_path / "nas.toml", tmp_path / "restored", free_port(), replication)
@@ -927,13 +903,13 @@ def test_restore_from_a_directory_target(
 
 
 def test_restored_index_opens_as_a_node_index(
-    start_node: Callable[..., RunningNode],
-    site: Callable[..., tuple[dict[str, Any], Path]],
+    site: Callable[..., Site],
     tmp_path: Path,
 ) -> None:
     """The restored file is the node's own kind of index (schema current, WAL on open)."""
-    node, config, _made = _node_with(start_node, site, tmp_path, 3)
-    node.node.stop(drain_timeout_s=5)
+    home = site()
+    config = home.config
+    home.session(tmp_path / "in", 3)
     result = cli(config, "restore", data_dir=tmp_path / "r")
     assert result.returncode == 0, result.stdout + result.stderr
     restored = build_config(

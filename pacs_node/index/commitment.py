@@ -8,10 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pacs_node.index.catalog import Index, _translate_errors
-
-# SQLite allows 32766 bound parameters by default (999 in builds before 3.32): stay well below.
-_BATCH = 500
+from pacs_node.index.catalog import Index
+from pacs_node.index.db import PARAMS_PER_STATEMENT, translate_errors
 
 
 @dataclass(frozen=True)
@@ -35,9 +33,9 @@ def held_instances(index: Index, sop_uids: Iterable[str]) -> dict[str, HeldInsta
     classes: dict[str, set[str]] = {}
     versions: dict[str, int] = {}
     replicated: dict[str, int] = {}
-    with _translate_errors("looking up instances for storage commitment"):
-        for start in range(0, len(wanted), _BATCH):
-            batch = wanted[start : start + _BATCH]
+    with translate_errors("looking up instances for storage commitment"):
+        for start in range(0, len(wanted), PARAMS_PER_STATEMENT):
+            batch = wanted[start : start + PARAMS_PER_STATEMENT]
             rows = (
                 Inst.select(Inst.sop_uid, Inst.sop_class_uid, Inst.replicated_at.is_null(False))
                 .where(Inst.sop_uid.in_(batch))

@@ -1,7 +1,8 @@
 """C-FIND matching (PS3.4 C.2.2.2) and the C-MOVE/C-GET lookup, as SQL over the index.
 
-The DIMSE layer decodes a request identifier and calls `Index.find` with plain strings; this
-module turns each key into a bound-parameter SQL condition and answers one dict per match.
+The DIMSE layer decodes a request identifier and calls `Index.find` with plain strings; each
+key becomes a bound-parameter SQL condition (index/matching.py), and this module builds the
+statement around them and answers one dict per match.
 
 - One SELECT per request. Keys on levels above the query level become non-correlated
   `IN (SELECT id ...)` subqueries, which SQLite evaluates once before walking the foreign-key
@@ -23,20 +24,23 @@ matched independently of each other).
 
 from __future__ import annotations
 
-import json
-import logging
-import re
-from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import date
-from functools import lru_cache
 
 import peewee as pw
 
+from pacs_node.index.matching import (
+    Cond,
+    QueryError,
+    condition,
+    has_wildcard,
+    in_list,
+    is_universal,
+    key_values,
+    pn_match_sql,
+    text_condition,
+)
 from pacs_node.index.records import RetrieveItem
 from pacs_node.index.schema import Models
-
-log = logging.getLogger(__name__)
 
 LEVELS: tuple[str, ...] = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 QUERY_MODELS: tuple[str, ...] = ("PATIENT", "STUDY")  # Patient Root, Study Root
@@ -44,10 +48,6 @@ SERVE_VERSIONS: tuple[str, ...] = ("first", "latest")
 _PATIENT, _STUDY, _SERIES, _IMAGE = range(4)
 _ALIASES = ("p", "st", "se", "i")
 _PARENT_FIELDS = ("", "patient", "study", "series")  # the foreign key to the level above
-
-
-class QueryError(ValueError):
-    """The identifier cannot be matched (bad level, malformed date range, ...): says why."""
 
 
 @dataclass(frozen=True)
@@ -114,11 +114,8 @@ SUPPORTED_KEYS: dict[str, frozenset[str]] = {
     for level, name in enumerate(LEVELS)
 }
 
-# A condition: SQL with `?` placeholders and the values bound to them.
-_Cond = tuple[str, list[object]]
 
-
-# -- names from the models (as catalog._HotSql does) ------------------------------------------
+# -- names from the models (as instances.InstanceRows does) -----------------------------------
 
 
 def _model(models: Models, level: int) -> type[pw.Model]:
@@ -136,233 +133,6 @@ def _col(models: Models, level: int, field: str) -> str:
 # -- key values -------------------------------------------------------------------------------
 
 
-def _is_universal(value: str) -> bool:
-    # "" or "*" alone (any number of them) matches everything, including empty values.
-    return value.strip(" *") == ""
-
-
-def _values(value: str) -> list[str]:
-    """The values of a key (a "\\"-separated list), each without padding; empty items dropped."""
-    return [v.strip() for v in value.split("\\") if v.strip()]
-
-
-def _has_wildcard(value: str) -> bool:
-    return "*" in value or "?" in value
-
-
-def _glob(pattern: str) -> str:
-    """A DICOM wildcard pattern as a GLOB pattern: its `*` and `?` stay wildcards, and GLOB's
-    own syntax in the key (`[`) becomes a one-character class, so it only matches itself."""
-    return "".join("[[]" if c == "[" else c for c in pattern)
-
-
-def _any_of(parts: list[_Cond]) -> _Cond:
-    if len(parts) == 1:
-        return parts[0]
-    params: list[object] = []
-    for _, p in parts:
-        params.extend(p)
-    return "(" + " OR ".join(sql for sql, _ in parts) + ")", params
-
-
-def _in_list(column: str, values: Sequence[object]) -> _Cond:
-    if len(values) == 1:
-        return f"{column} = ?", [values[0]]
-    # One bound JSON array instead of one parameter per value: no SQLite parameter limit.
-    return f"{column} IN (SELECT value FROM json_each(?))", [json.dumps(list(values))]
-
-
-def _text_condition(column: str, value: str) -> _Cond | None:
-    values = _values(value)
-    if _is_universal(value) or any(_is_universal(v) for v in values):
-        return None
-    exact = [v for v in values if not _has_wildcard(v)]
-    parts = [(f"{column} GLOB ?", [_glob(v)]) for v in values if _has_wildcard(v)]
-    if exact:
-        parts.insert(0, _in_list(column, exact))
-    return _any_of(parts)
-
-
-def _uid_condition(keyword: str, column: str, value: str) -> _Cond | None:
-    if _is_universal(value):
-        return None
-    values = _values(value)
-    if any(_has_wildcard(v) for v in values):
-        raise QueryError(f"{keyword}: wildcards are not allowed in a UID key ({value!r})")
-    return _in_list(column, values)
-
-
-def _int_condition(keyword: str, column: str, value: str) -> _Cond | None:
-    if _is_universal(value):
-        return None
-    try:
-        numbers = [int(v) for v in _values(value)]
-    except ValueError:
-        raise QueryError(f"{keyword}: not an integer ({value!r})") from None
-    return _in_list(column, numbers)
-
-
-# -- dates and times --------------------------------------------------------------------------
-
-_DA = re.compile(r"\d{8}")
-_TM = re.compile(r"(\d{2})(\d{2})?(\d{2})?(?:\.(\d{1,6}))?")
-
-
-def _date(keyword: str, text: str) -> str:
-    if not _DA.fullmatch(text):
-        raise QueryError(f"{keyword}: {text!r} is not a date YYYYMMDD")
-    try:
-        date(int(text[:4]), int(text[4:6]), int(text[6:]))
-    except ValueError:
-        raise QueryError(f"{keyword}: {text!r} is not a valid date") from None
-    return text
-
-
-def _split_range(keyword: str, value: str) -> tuple[str, str] | None:
-    """(low, high) of a range ("" where open), or None for a single value."""
-    if "\\" in value:
-        raise QueryError(f"{keyword}: only one value or range is allowed ({value!r})")
-    if _has_wildcard(value):
-        raise QueryError(f"{keyword}: wildcards are not allowed in a date or time ({value!r})")
-    if "-" not in value:
-        return None
-    low, _, high = value.partition("-")
-    if "-" in high:
-        raise QueryError(f"{keyword}: malformed range ({value!r})")
-    return low.strip(), high.strip()
-
-
-def _date_condition(keyword: str, column: str, value: str) -> _Cond | None:
-    value = value.strip()
-    if _is_universal(value):
-        return None
-    bounds = _split_range(keyword, value)
-    if bounds is None:
-        return f"{column} = ?", [_date(keyword, value)]
-    if bounds == ("", ""):
-        return None  # "-": a range open at both ends
-    # Open ends by sentinels, so that an empty stored value never falls inside a range.
-    low = _date(keyword, bounds[0]) if bounds[0] else "00000000"
-    high = _date(keyword, bounds[1]) if bounds[1] else "99999999"
-    if low > high:
-        raise QueryError(f"{keyword}: the range starts after it ends ({value!r})")
-    return f"{column} BETWEEN ? AND ?", [low, high]
-
-
-def _time_span(keyword: str, text: str) -> tuple[str, str]:
-    """The earliest and latest instant ("HHMMSS.FFFFFF") a time of any precision stands for:
-    "1230" is 12:30:00.000000 to 12:30:59.999999, so it equals "123000" both ways."""
-    match = _TM.fullmatch(text.replace(":", ""))  # ":" as in ACR-NEMA times
-    if not match or (match.group(4) is not None and match.group(3) is None):
-        raise QueryError(f"{keyword}: {text!r} is not a time HH[MM[SS[.F{{1,6}}]]]")
-    hh, mm, ss, frac = match.groups()
-    if int(hh) > 23 or int(mm or 0) > 59 or int(ss or 0) > 60:
-        raise QueryError(f"{keyword}: {text!r} is not a valid time")
-    earliest = f"{hh}{mm or '00'}{ss or '00'}.{(frac or '').ljust(6, '0')}"
-    latest = f"{hh}{mm or '59'}{ss or '59'}.{(frac or '').ljust(6, '9')}"
-    return earliest, latest
-
-
-def _time_sql(column: str) -> str:
-    """A stored time of any precision as "HHMMSS.FFFFFF" (missing digits zero), in SQL."""
-    c = f"replace({column}, ':', '')"
-    return (
-        f"(CASE WHEN instr({c}, '.') > 0 "
-        f"THEN substr(substr({c}, 1, instr({c}, '.') - 1) || '000000', 1, 6) "
-        f"|| substr(substr({c}, instr({c}, '.')) || '000000', 1, 7) "
-        f"ELSE substr({c} || '000000', 1, 6) || '.000000' END)"
-    )
-
-
-def _time_condition(keyword: str, column: str, value: str) -> _Cond | None:
-    value = value.strip()
-    if _is_universal(value):
-        return None
-    bounds = _split_range(keyword, value)
-    if bounds is None:
-        low, high = _time_span(keyword, value)
-    elif bounds == ("", ""):
-        return None
-    else:
-        low = _time_span(keyword, bounds[0])[0] if bounds[0] else "000000.000000"
-        high = _time_span(keyword, bounds[1])[1] if bounds[1] else "999999.999999"
-    stored = _time_sql(column)
-    if low > high:  # e.g. 2300-0100: a range across midnight
-        return f"({column} <> '' AND ({stored} >= ? OR {stored} <= ?))", [low, high]
-    return f"({column} <> '' AND {stored} BETWEEN ? AND ?)", [low, high]
-
-
-# -- person names -----------------------------------------------------------------------------
-
-
-def _pn_groups(name: str) -> list[str]:
-    """Component groups (alphabetic, ideographic, phonetic), trailing "^" and spaces dropped."""
-    groups = [g.strip().rstrip("^ ") for g in name.split("=")]
-    return groups + [""] * (3 - len(groups))
-
-
-@lru_cache(maxsize=1024)
-def _wildcard_regex(pattern: str, case_insensitive: bool) -> re.Pattern[str]:
-    body = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-    # IGNORECASE on str patterns folds all of Unicode ("Ä" = "ä"), not only ASCII.
-    return re.compile(body, re.DOTALL | (re.IGNORECASE if case_insensitive else 0))
-
-
-def _pn_query(value: str) -> tuple[bool, list[str]] | None:
-    """(by_group, patterns) of a PN key, None when it matches every name."""
-    if "=" not in value:
-        pattern = _pn_groups(value)[0]
-        return None if _is_universal(pattern) else (False, [pattern])
-    patterns = _pn_groups(value)
-    if all(_is_universal(p) for p in patterns):
-        return None
-    return True, patterns
-
-
-def pn_matches(stored: str, query: str, case_insensitive: bool = False) -> bool:
-    """PN matching: a query without "=" matches when it matches any one component group of the
-    stored name; with "=", group by group, an empty query group matching any value."""
-    parsed = _pn_query(query)
-    if parsed is None:
-        return True
-    by_group, patterns = parsed
-    groups = _pn_groups(stored)
-    if not by_group:
-        regex = _wildcard_regex(patterns[0], case_insensitive)
-        return any(regex.fullmatch(g) for g in groups)
-    return all(
-        _is_universal(p) or _wildcard_regex(p, case_insensitive).fullmatch(g) is not None
-        for p, g in zip(patterns, groups, strict=False)
-    )
-
-
-def _pn_match_sql(stored: str | None, query: str, case_insensitive: int) -> int:
-    # Called by SQLite: must not raise (it would fail the whole query).
-    try:
-        return int(pn_matches(stored or "", query, bool(case_insensitive)))
-    except Exception:  # a bug: this row does not match, and the log says why
-        log.exception("event=pn_match_error")
-        return 0
-
-
-def _pn_condition(column: str, value: str, case_insensitive: bool) -> _Cond | None:
-    parts: list[_Cond] = []
-    for v in _values(value) or [""]:
-        parsed = _pn_query(v)
-        if parsed is None:
-            return None
-        if case_insensitive:
-            parts.append((f"pacs_pn_match({column}, ?, 1)", [v]))
-            continue
-        # Case-sensitive: a group matching a pattern is a substring of the stored value, so a
-        # C-speed GLOB on the whole value lets through only the candidates the function checks.
-        first = next(p for p in parsed[1] if not _is_universal(p))
-        parts.append(
-            (f"({column} GLOB ? AND pacs_pn_match({column}, ?, 0))", [f"*{_glob(first)}*", v])
-        )
-    return _any_of(parts)
-
-
 # -- building the statement -------------------------------------------------------------------
 
 
@@ -371,22 +141,6 @@ def _level_index(level: str) -> int:
         return LEVELS.index(level.strip().upper())
     except ValueError:
         raise QueryError(f"unknown query/retrieve level {level!r}") from None
-
-
-def _condition(
-    keyword: str, attr: _Attr, column: str, value: str, case_insensitive: bool
-) -> _Cond | None:
-    if attr.kind == "text":
-        return _text_condition(column, value)
-    if attr.kind == "pn":
-        return _pn_condition(column, value, case_insensitive)
-    if attr.kind == "uid":
-        return _uid_condition(keyword, column, value)
-    if attr.kind == "date":
-        return _date_condition(keyword, column, value)
-    if attr.kind == "time":
-        return _time_condition(keyword, column, value)
-    return _int_condition(keyword, column, value)
 
 
 def _derived_sql(models: Models, keyword: str) -> str:
@@ -435,9 +189,9 @@ def _derived_sql(models: Models, keyword: str) -> str:
     raise AssertionError(keyword)
 
 
-def _modalities_condition(models: Models, alias: str, value: str) -> _Cond | None:
+def _modalities_condition(models: Models, alias: str, value: str) -> Cond | None:
     """A study matches ModalitiesInStudy when one of its series matches one of the values."""
-    cond = _text_condition(_col(models, _SERIES, "modality"), value)
+    cond = text_condition(_col(models, _SERIES, "modality"), value)
     if cond is None:
         return None
     series_study = _col(models, _SERIES, "study")
@@ -447,7 +201,7 @@ def _modalities_condition(models: Models, alias: str, value: str) -> _Cond | Non
     )
 
 
-def _ancestor_filter(models: Models, conditions: list[list[_Cond]], level: int) -> _Cond | None:
+def _ancestor_filter(models: Models, conditions: list[list[Cond]], level: int) -> Cond | None:
     """`SELECT id` of the rows of `level` meeting the conditions on it and the levels above."""
     alias = f"{_ALIASES[level]}f"
     parts = list(conditions[level])
@@ -509,7 +263,7 @@ def find(db: pw.SqliteDatabase, models: Models, request: FindRequest) -> list[di
         raise QueryError(f"limit must not be negative ({request.limit})")
 
     # Conditions per level: on the query level's own alias, above it on the filter aliases.
-    conditions: list[list[_Cond]] = [[] for _ in range(level + 1)]
+    conditions: list[list[Cond]] = [[] for _ in range(level + 1)]
     uses_pn_function = False
     for keyword, value in request.keys.items():
         attr = _ATTRS.get(keyword)
@@ -523,12 +277,12 @@ def find(db: pw.SqliteDatabase, models: Models, request: FindRequest) -> list[di
             continue  # unknown, sequence, derived or below the level: not matched on
         alias = _ALIASES[attr.level] + ("" if attr.level == level else "f")
         column = f"{alias}.{_col(models, attr.level, attr.field)}"
-        cond = _condition(keyword, attr, column, value or "", request.case_insensitive_names)
+        cond = condition(attr.kind, keyword, column, value or "", request.case_insensitive_names)
         if cond is not None:
             conditions[attr.level].append(cond)
             uses_pn_function = uses_pn_function or attr.kind == "pn"
 
-    where: list[_Cond] = list(conditions[level])
+    where: list[Cond] = list(conditions[level])
     if level == _IMAGE:
         where.append((f"i.{_col(models, _IMAGE, 'version')} = 1", []))
     if level > 0:
@@ -572,7 +326,7 @@ def find(db: pw.SqliteDatabase, models: Models, request: FindRequest) -> list[di
 def _register_functions(db: pw.SqliteDatabase) -> None:
     # On this thread's own connection (peewee keeps one per thread), every time: cheap, and a
     # connection opened by another thread or after a reconnect has it too.
-    db.connection().create_function("pacs_pn_match", 3, _pn_match_sql, deterministic=True)
+    db.connection().create_function("pacs_pn_match", 3, pn_match_sql, deterministic=True)
 
 
 def _returned_sql(models: Models, keyword: str) -> str:
@@ -607,20 +361,20 @@ def instances_to_retrieve(
     if serve_version not in SERVE_VERSIONS:
         raise QueryError(f"serve_version must be one of {SERVE_VERSIONS}, not {serve_version!r}")
     key = _UNIQUE_KEYS[lv]
-    if _is_universal(uids.get(key) or ""):
+    if is_universal(uids.get(key) or ""):
         raise QueryError(f"a {LEVELS[lv]}-level retrieval needs a value for {key}")
 
-    where: list[_Cond] = [(f"i.{_col(models, _IMAGE, 'version')} = 1", [])]
+    where: list[Cond] = [(f"i.{_col(models, _IMAGE, 'version')} = 1", [])]
     for above in range(lv + 1):
         value = uids.get(_UNIQUE_KEYS[above]) or ""
-        if _is_universal(value):
+        if is_universal(value):
             continue
-        values = _values(value)
-        if above > _PATIENT and any(_has_wildcard(v) for v in values):
+        values = key_values(value)
+        if above > _PATIENT and any(has_wildcard(v) for v in values):
             raise QueryError(f"{_UNIQUE_KEYS[above]}: wildcards are not allowed ({value!r})")
         field = _ATTRS[_UNIQUE_KEYS[above]].field
         # Exact values only: a retrieval names instances, it does not search for them.
-        where.append(_in_list(f"{_ALIASES[above]}.{_col(models, above, field)}", values))
+        where.append(in_list(f"{_ALIASES[above]}.{_col(models, above, field)}", values))
 
     c = {f: _col(models, _IMAGE, f) for f in ("sop_uid", "version", "series")}
     source = _from_with_ancestors(models, _IMAGE)

@@ -13,10 +13,10 @@ from datetime import datetime
 
 import peewee as pw
 
-from pacs_node.index.catalog import Index, _as_datetime, _translate_errors, utcnow
+from pacs_node.index.catalog import Index
+from pacs_node.index.db import PARAMS_PER_STATEMENT, as_datetime, translate_errors, utcnow
 
 _PAGE = 1000
-_WRITE_BATCH = 500  # well below SQLite's bound-parameter limit
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def _copies(rows: Sequence[tuple]) -> list[IndexedCopy]:
             file_size=r[6],
             dataset_offset=r[7],
             cache_path=r[8],
-            replicated_at=_as_datetime(r[9]),
+            replicated_at=as_datetime(r[9]),
             job_state=r[10],
         )
         for r in rows
@@ -85,7 +85,7 @@ def _copies(rows: Sequence[tuple]) -> list[IndexedCopy]:
 
 def count_instances(index: Index) -> int:
     m = index.models
-    with _translate_errors("counting instances"):
+    with translate_errors("counting instances"):
         return int(m.Instance.select(pw.fn.COUNT(m.Instance.id)).scalar() or 0)
 
 
@@ -95,7 +95,7 @@ def iter_instances(index: Index, *, page_size: int = _PAGE) -> Iterator[IndexedC
     Inst = index.models.Instance
     last_id = 0
     while True:
-        with _translate_errors("listing instances"):
+        with translate_errors("listing instances"):
             rows = list(
                 _select(index).where(Inst.id > last_id).order_by(Inst.id).limit(page_size).tuples()
             )
@@ -109,7 +109,7 @@ def iter_instances(index: Index, *, page_size: int = _PAGE) -> Iterator[IndexedC
 
 def sample_instances(index: Index, count: int) -> list[IndexedCopy]:
     """`count` versions chosen at random (one scan with a bounded top-N sort in SQLite)."""
-    with _translate_errors("sampling instances"):
+    with translate_errors("sampling instances"):
         rows = list(_select(index).order_by(pw.fn.RANDOM()).limit(count).tuples())
     return sorted(_copies(rows), key=lambda c: c.instance_id)
 
@@ -125,8 +125,8 @@ def requeue(index: Index, instance_ids: Sequence[int]) -> int:
     m = index.models
     Job, Inst = m.ReplicationJob, m.Instance
     changed = 0
-    for start in range(0, len(instance_ids), _WRITE_BATCH):
-        batch = list(instance_ids[start : start + _WRITE_BATCH])
+    for start in range(0, len(instance_ids), PARAMS_PER_STATEMENT):
+        batch = list(instance_ids[start : start + PARAMS_PER_STATEMENT])
         now = utcnow()
         with index.writing("re-enqueuing replication jobs"):
             # Pending ones first, so a job this batch turns pending is not counted twice.

@@ -34,8 +34,8 @@ class InstanceAttributes:
 
 
 @dataclass(frozen=True)
-class NewInstance:
-    """One received instance version, ready to be indexed with its replication job."""
+class InstanceFacts:
+    """What the index records of one instance version, whichever way it arrived."""
 
     attributes: InstanceAttributes
     version: int
@@ -43,10 +43,16 @@ class NewInstance:
     file_size: int
     dataset_offset: int
     sha256: str
-    cache_path: str
-    received_at: datetime
+    received_at: datetime  # naive UTC
     calling_ae: str
     peer_address: str
+
+
+@dataclass(frozen=True)
+class NewInstance(InstanceFacts):
+    """One received instance version, ready to be indexed with its replication job."""
+
+    cache_path: str
 
 
 @dataclass(frozen=True)
@@ -131,3 +137,12 @@ class EvictionCandidate:
     cache_path: str
     file_size: int
     last_access_at: str | None  # as stored: eviction skips the row if it changed meanwhile
+
+
+@dataclass(frozen=True)
+class RestoredInstance(InstanceFacts):
+    """One instance version known from its bucket object: indexed as evicted and replicated."""
+
+    @property
+    def order(self) -> tuple[datetime, int, str]:
+        return (self.received_at, self.version, self.attributes.sop_uid)

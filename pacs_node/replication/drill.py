@@ -24,8 +24,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
-from pacs_node.index.catalog import utcnow
-from pacs_node.index.restore import Comparison, LiveState, compare, live_state
+from pacs_node.index.db import utcnow
+from pacs_node.index.drill import Comparison, LiveState, compare, live_state
 from pacs_node.progress import Progress
 from pacs_node.replication.restore import Problem, RestoreOptions, RestoreReport, restore
 from pacs_node.storage.bucket import ReplicationTarget, instance_key

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from pacs_node.index import Index
-from pacs_node.index.catalog import utcnow
+from pacs_node.index.db import utcnow
 from pacs_node.index.reconcile import IndexedCopy, count_instances, iter_instances, requeue
 from pacs_node.progress import NullProgress, Progress
 from pacs_node.storage.bucket import ReplicationTarget, instance_key

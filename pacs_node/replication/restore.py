@@ -48,18 +48,11 @@ from pacs_node.dataset import (
 )
 from pacs_node.fsio import fsync_dir
 from pacs_node.index import Index, IndexFailure, InstanceAttributes
-from pacs_node.index.catalog import utcnow
+from pacs_node.index.db import utcnow
 from pacs_node.index.reconcile import iter_instances
-from pacs_node.index.restore import (
-    RestoredInstance,
-    RestoreWriter,
-    SnapshotFacts,
-    check_complete,
-    drop_instances,
-    facts,
-    inspect_copy,
-    mark_restored,
-)
+from pacs_node.index.records import RestoredInstance
+from pacs_node.index.restore import RestoreWriter, check_complete, drop_instances, mark_restored
+from pacs_node.index.snapshot import SnapshotFacts, facts, inspect_copy
 from pacs_node.progress import NullProgress, Progress
 from pacs_node.replication.reconcile import instances_prefix
 from pacs_node.replication.snapshot import Manifest, list_snapshots, read_manifest
