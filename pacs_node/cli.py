@@ -22,7 +22,8 @@ import click
 
 from pacs_node import __version__
 from pacs_node.audit import AuditLog, verify_chain
-from pacs_node.config import Config, ConfigError, load_config, with_overrides
+from pacs_node.config import CONFIG_SEARCH_HELP, Config, ConfigError, with_overrides
+from pacs_node.config_check import check_report, load_for_command
 from pacs_node.export.command import export_command
 from pacs_node.index import Index, IndexFailure
 from pacs_node.node import REPLICATION_OFF_WARNING, Node, describe_target, target_settings
@@ -61,17 +62,24 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
         "--config",
         "config_path",
         type=click.Path(dir_okay=False, path_type=Path),
-        help="TOML configuration file (default: the embedded default).",
+        help=CONFIG_SEARCH_HELP,
     )
     @click.option(
         "--data-dir",
         type=click.Path(file_okay=False, path_type=Path),
         help="Data directory (overrides data_dir in the config).",
     )
+    @click.option(
+        "--force-root",
+        is_flag=True,
+        help="Run as root even on a data directory another user (the service's) owns.",
+    )
     @wraps(command)
-    def wrapper(config_path: Path | None, data_dir: Path | None, **kwargs: Any) -> Any:
+    def wrapper(
+        config_path: Path | None, data_dir: Path | None, force_root: bool, **kwargs: Any
+    ) -> Any:
         try:
-            config = load_config(config_path, data_dir=data_dir)
+            config = load_for_command(config_path, data_dir=data_dir, force_root=force_root)
         except ConfigError as e:
             click.echo(f"configuration error: {e}", err=True)
             sys.exit(EXIT_CONFIG)
@@ -83,7 +91,12 @@ def _common_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pacs-node")
 def main() -> None:
-    """pacs-node: a DICOM node that stores durably and replicates off-site."""
+    """pacs-node: a DICOM node that stores durably and replicates off-site.
+
+    Every command reads its configuration from --config FILE, else from the file named by
+    $PACS_NODE_CONFIG, else from /etc/pacs-node/config.toml if it exists, else the embedded
+    default. Run operator commands as the service user: sudo -u pacs-node pacs-node status.
+    """
 
 
 @main.command()
@@ -823,19 +836,10 @@ def config_group() -> None:
 @config_group.command("check")
 @_common_options
 def config_check(config: Config) -> None:
-    """Validate the configuration and print what it resolves to."""
-    d = config.dicom
-    click.echo(f"configuration OK: {config.source}")
-    click.echo(f"  data_dir: {config.data_dir}")
-    click.echo(f"  listen: {d.ae_title}@{d.host}:{d.port}")
-    click.echo(
-        f"  known peers: {len(config.peers)}; "
-        f"unknown callers allowed: {config.unknown_callers_allowed}"
-    )
-    click.echo(f"  cache: {config.storage.cache_dir}  index: {config.index.path}")
-    click.echo(f"  audit: {config.audit.path}")
-    if not config.replication.enabled:
-        click.echo(f"  {REPLICATION_OFF_WARNING}")
+    """Validate the configuration, check that every directory the node writes is writable by
+    the current user (run it as the service user), and print what it resolves to."""
+    if not check_report(config, click.echo):
+        sys.exit(EXIT_CONFIG)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import click
 
-from pacs_node.config import Config, ConfigError, load_config
+from pacs_node.config import CONFIG_SEARCH_HELP, Config, ConfigError
+from pacs_node.config_check import load_for_command
 from pacs_node.export.deidentify import Keyring
 from pacs_node.export.profile import Profile, ProfileError, load_profile
 from pacs_node.export.run import (
@@ -61,7 +62,13 @@ def _duration_s(text: str) -> int:
 
 def _pseudonym_key() -> bytes:
     value = os.environ.get(KEY_ENV, "")
-    if len(value.encode()) < 16:
+    if value and len(value.encode()) < 16:
+        _fail(
+            f"configuration error: {KEY_ENV} is too short ({len(value.encode())} bytes; at "
+            "least 16 are needed, e.g. from `openssl rand -base64 32`)",
+            EXIT_CONFIG,
+        )
+    if not value:
         _fail(
             f"configuration error: set {KEY_ENV} to the project's secret key (at least 16 "
             "characters, e.g. from `openssl rand -base64 32`); it is never stored, and the "
@@ -92,7 +99,7 @@ def _summarize_profile(profile: Profile) -> None:
     "--config",
     "config_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="TOML configuration file (default: the embedded default).",
+    help=CONFIG_SEARCH_HELP,
 )
 @click.option(
     "--data-dir",
@@ -183,7 +190,7 @@ def export_command(
         _summarize_profile(profile)
         return
     try:
-        config = load_config(config_path, data_dir=data_dir)
+        config = load_for_command(config_path, data_dir=data_dir)  # found as every command does
     except ConfigError as e:
         _fail(f"configuration error: {e}", EXIT_CONFIG)
     _setup_logging(config)
