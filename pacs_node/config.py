@@ -754,6 +754,12 @@ def load_config(path: Path | None = None, *, data_dir: Path | None = None) -> Co
             raw = tomllib.load(f)
     except FileNotFoundError as e:
         raise ConfigError(f"config file not found: {path}") from e
+    except OSError as e:
+        # e.g. a 0640 root:root file read by the service user: say so, not a traceback
+        raise ConfigError(
+            f"cannot read config file {path}: {e.strerror} (the service user must be able to "
+            "read it: root-owned, mode 0644)"
+        ) from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
     return build_config(raw, base_dir=path.parent.absolute(), source=str(path), data_dir=data_dir)

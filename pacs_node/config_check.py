@@ -8,7 +8,6 @@ not mounted, stops the start with a message naming the path, not the first C-STO
 from __future__ import annotations
 
 import os
-import pwd
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from pacs_node.config import (
     load_config,
 )
 from pacs_node.node import REPLICATION_OFF_WARNING, describe_target
-from pacs_node.ownership import refuse_root_on_foreign_data
+from pacs_node.ownership import refuse_root_on_foreign_data, user_name
 
 
 def load_for_command(
@@ -110,16 +109,9 @@ def check_file(role: str, path: Path, *, user: str) -> DirectoryCheck | None:
     )
 
 
-def _user() -> str:
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return str(os.geteuid())
-
-
 def check_paths(config: Config) -> list[DirectoryCheck]:
     """Every directory (and existing file) the node writes, checked for the current user."""
-    user = _user()
+    user = user_name()
     wanted: list[tuple[str, Path, bool]] = [
         ("data_dir", config.data_dir, True),
         ("storage.cache_dir", config.storage.cache_dir, True),
@@ -164,7 +156,7 @@ def check_report(config: Config, echo: Callable[[str], None]) -> bool:
         echo(f"  replication: {describe_target(config.replication)}")
     else:
         echo(f"  {REPLICATION_OFF_WARNING}")
-    echo(f"  written paths, checked as user {_user()}:")
+    echo(f"  written paths, checked as user {user_name()}:")
     for c in checks:
         echo(f"    {'ok' if c.ok else 'PROBLEM'}: {c.role} {c.path}: {c.detail}")
     if os.geteuid() == 0:

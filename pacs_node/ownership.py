@@ -24,7 +24,9 @@ class RootRefused(ConfigError):
     """Running as root on a data directory that belongs to another user, without --force-root."""
 
 
-def _user_name(uid: int) -> str:
+def user_name(uid: int | None = None) -> str:
+    """The login name of `uid` (default: the effective user), else the number."""
+    uid = os.geteuid() if uid is None else uid
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
@@ -75,7 +77,7 @@ def refuse_root_on_foreign_data(
     if found is None:
         return
     path, uid = found
-    user = _user_name(uid)
+    user = user_name(uid)
     raise RootRefused(
         f"refusing to run as root: {path} belongs to user {user!r}, and files root creates in "
         f"{config.data_dir} (the index's -wal/-shm files, a restored index, audit files) would "

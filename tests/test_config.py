@@ -168,3 +168,8 @@ def test_access_mode_is_said_with_its_reason(tmp_path: Path) -> None:
     assert "SECURITY_WARNING" in exposed
     closed = describe_access(_load(tmp_path, "[dicom]\nallow_unknown_callers=false"))
     assert closed.startswith("closed")
+
+
+def test_unreadable_or_directory_config_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path)  # a directory, e.g. PACS_NODE_CONFIG=/etc/pacs-node
