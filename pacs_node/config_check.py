@@ -69,7 +69,13 @@ def check_directory(role: str, path: Path, *, may_create: bool, user: str) -> Di
     if path.is_dir():
         if _writable(path):
             return DirectoryCheck(role, path, True, "exists, writable")
-        return DirectoryCheck(role, path, False, f"exists but is not writable by user {user}")
+        return DirectoryCheck(
+            role,
+            path,
+            False,
+            f"exists but is not writable by user {user} (under the hardened unit only "
+            "/var/lib/pacs-node and the paths in ReadWritePaths= are writable)",
+        )
     if path.exists():
         return DirectoryCheck(role, path, False, "exists but is not a directory")
     if not may_create:

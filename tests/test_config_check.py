@@ -24,6 +24,7 @@ from pacs_node.config import CONFIG_ENV, load_config
 from pacs_node.config_check import check_paths
 from pacs_node.export import command as export_command
 from pacs_node.ownership import RootRefused, refuse_root_on_foreign_data
+from pacs_node.preflight import ListenError, check_listen_addresses
 from tests.conftest import NodeProcess, free_port
 
 NOBODY = 65534
@@ -201,6 +202,25 @@ def test_a_taken_port_is_named_and_nothing_is_created(tmp_path: Path) -> None:
     assert code == 1, log
     assert f"127.0.0.1:{port}" in log and "address already in use" in log
     assert not data.exists(), "the data directory was created before the listener was bound"
+
+
+def test_every_listener_is_probed_and_named(tmp_path: Path) -> None:
+    dicom_port, metrics_port = free_port(), free_port()
+    text = (
+        f"data_dir = '{tmp_path / 'd'}'\n[dicom]\nport = {dicom_port}\n"
+        f"[metrics]\nenabled = true\nport = {metrics_port}\n"
+    )
+    (tmp_path / "c.toml").write_text(text)
+    config = load_config(tmp_path / "c.toml")
+    check_listen_addresses(config)  # both free: nothing raised, nothing left bound
+    check_listen_addresses(config)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", metrics_port))
+        taken.listen()
+        with pytest.raises(ListenError) as e:
+            check_listen_addresses(config)
+    assert f"metrics (metrics.host/metrics.port) on 127.0.0.1:{metrics_port}" in str(e.value)
+    assert "address already in use" in str(e.value)
 
 
 def test_serve_logs_the_access_mode_at_start(tmp_path: Path) -> None:
