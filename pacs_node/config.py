@@ -6,17 +6,31 @@ what is allowed, before anything starts. The config object is passed in, never g
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import os
 import re
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 DEFAULT_AE_TITLE = "PACS_NODE"
 DEFAULT_PORT = 11112
 DEFAULT_DATA_DIR = Path("pacs-data")
+# Where every command looks for its configuration when --config is not given, in this order:
+# the file named by $PACS_NODE_CONFIG, then the first of these that exists, else the embedded
+# default. The packaged unit passes --config /etc/pacs-node/config.toml, so an operator's
+# `pacs-node status` without flags reads the same file as the service.
+CONFIG_ENV = "PACS_NODE_CONFIG"
+DEFAULT_CONFIG_PATHS: tuple[Path, ...] = (Path("/etc/pacs-node/config.toml"),)
+CONFIG_SEARCH_HELP = (
+    f"TOML configuration file. Without it: ${CONFIG_ENV} if set, else "
+    + ", ".join(str(p) for p in DEFAULT_CONFIG_PATHS)
+    + " if it exists, else the embedded default (the file read is shown by `status` and "
+    "`config check`)."
+)
 
 OPERATIONS = ("echo", "store", "find", "move", "get", "commit")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -318,8 +332,46 @@ class _Section:
     def finish(self) -> None:
         unknown = set(self._table) - self._read
         if unknown:
-            names = ", ".join(sorted(self.key(n) for n in unknown))
+            names = ", ".join(sorted(self.key(n) + self._hint(n) for n in unknown))
             raise ConfigError(f"unknown key(s): {names}")
+
+    def _hint(self, name: str) -> str:
+        """A "did you mean" for a typo, or where a key of another table belongs (a key written
+        below a [table] header belongs to that table in TOML, a common slip)."""
+        close = difflib.get_close_matches(name, sorted(self._read), n=1, cutoff=0.6)
+        if close:
+            return f" (did you mean {self.key(close[0])}?)"
+        section = self._prefix.split("[", 1)[0]
+        homes = [
+            "the top level, before the first [table]" if t == "" else f"[{t}]"
+            for t, keys in _KNOWN_KEYS.items()
+            if name in keys and t != section
+        ]
+        return f" (a key of {' or '.join(homes[:3])})" if homes else ""
+
+
+def _keys(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in fields(cls))
+
+
+# The keys of each table, for the hint of `_Section.finish` ("" is the top level).
+_KNOWN_KEYS: dict[str, frozenset[str]] = {
+    "": frozenset({"data_dir"}),
+    "dicom": _keys(DicomConfig),
+    "peers": _keys(Peer),
+    "storage": _keys(StorageConfig),
+    "index": _keys(IndexConfig),
+    "duplicates": _keys(DuplicatesConfig),
+    "audit": _keys(AuditConfig),
+    "logging": _keys(LoggingConfig),
+    "replication": _keys(ReplicationConfig),
+    "commitment": _keys(CommitmentConfig),
+    "query": _keys(QueryConfig),
+    "snapshots": _keys(SnapshotConfig),
+    "retrieve": _keys(RetrieveConfig),
+    "tls": _keys(TlsConfig),
+    "metrics": _keys(MetricsConfig),
+}
 
 
 def _dicom(raw: Mapping[str, Any]) -> DicomConfig:
@@ -625,6 +677,74 @@ def _check_exposure(config: Config) -> None:
         )
 
 
+def describe_access(config: Config) -> str:
+    """Who may call, and why: one sentence for the start log and `config check`.
+
+    Listing a single [[peers]] entry turns every other caller away; saying so at every start
+    spares an operator the hunt for why a modality is suddenly refused.
+    """
+    d = config.dicom
+    names = ", ".join(p.ae_title for p in config.peers)
+    where = f"{d.host}:{d.port}"
+    if config.peers and not config.unknown_callers_allowed:
+        why = (
+            "dicom.allow_unknown_callers = false"
+            if d.allow_unknown_callers is False
+            else "[[peers]] lists at least one entry"
+        )
+        return (
+            f"allow-list mode on {where}: only the {len(config.peers)} calling AE title(s) in "
+            f"[[peers]] ({names}) may associate, each with its own allow list; every other "
+            f"caller is refused, because {why} (dicom.allow_unknown_callers = true would also "
+            "admit unknown callers)"
+        )
+    if not config.unknown_callers_allowed:
+        return (
+            f"closed on {where}: no [[peers]] are listed and dicom.allow_unknown_callers = "
+            "false, so every caller is refused; list the peers in [[peers]]"
+        )
+    if d.allow_unknown_callers:
+        known = ""
+        if config.peers:
+            known = f"; the {len(config.peers)} in [[peers]] ({names}) keep their own allow lists"
+        exposure = ""
+        if not d.on_loopback:
+            exposure = (
+                "; SECURITY_WARNING: anyone who can reach this port may store and read "
+                "patient images"
+            )
+        return (
+            f"open mode on {where}: any calling AE title may associate and use every service, "
+            f"because dicom.allow_unknown_callers = true{known}{exposure}"
+        )
+    return (
+        f"open mode on {where}: any calling AE title may associate and use every service, "
+        "because the listener is on loopback and no [[peers]] are listed (listing one "
+        "[[peers]] entry switches to allow-list mode: every other caller is then refused)"
+    )
+
+
+def find_config_path(
+    explicit: Path | None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    default_paths: Sequence[Path] | None = None,
+) -> Path | None:
+    """The file a command reads: --config, else $PACS_NODE_CONFIG, else the first existing
+    default path, else None (the embedded default). `environ` and `default_paths` are for
+    tests; a file named explicitly or by the variable must exist (load_config says so)."""
+    if explicit is not None:
+        return explicit
+    env = os.environ if environ is None else environ
+    named = env.get(CONFIG_ENV, "").strip()
+    if named:
+        return Path(named)
+    for candidate in DEFAULT_CONFIG_PATHS if default_paths is None else default_paths:
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def load_config(path: Path | None = None, *, data_dir: Path | None = None) -> Config:
     """Load and validate the TOML file at `path`, or the embedded default when None."""
     if path is None:
@@ -634,6 +754,12 @@ def load_config(path: Path | None = None, *, data_dir: Path | None = None) -> Co
             raw = tomllib.load(f)
     except FileNotFoundError as e:
         raise ConfigError(f"config file not found: {path}") from e
+    except OSError as e:
+        # e.g. a 0640 root:root file read by the service user: say so, not a traceback
+        raise ConfigError(
+            f"cannot read config file {path}: {e.strerror} (the service user must be able to "
+            "read it: root-owned, mode 0644)"
+        ) from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
     return build_config(raw, base_dir=path.parent.absolute(), source=str(path), data_dir=data_dir)

@@ -7,7 +7,7 @@ import threading
 from datetime import UTC, datetime
 
 from pacs_node import __version__
-from pacs_node.config import Config
+from pacs_node.config import Config, describe_access
 from pacs_node.dimse.server import DicomServer
 from pacs_node.index import IndexFailure
 from pacs_node.ingest import Ingest
@@ -19,6 +19,7 @@ from pacs_node.parts import (
     build_index,
     build_replication_target,
 )
+from pacs_node.preflight import check_listen_addresses
 from pacs_node.replication.audit_copy import AuditCopier
 from pacs_node.replication.snapshot import Snapshotter
 from pacs_node.replication.worker import Replicator
@@ -71,6 +72,8 @@ class Node:
 
     def start(self) -> None:
         config = self.config
+        # A taken port stops the start here, naming it, before anything is created on disk.
+        check_listen_addresses(config)
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.index.open()
         removed = self.cache.open()
@@ -160,6 +163,7 @@ class Node:
 
     def _warn_about_exposure(self) -> None:
         d = self.config.dicom
+        log.info("event=access_mode message=%r", describe_access(self.config))
         if not d.on_loopback and self.config.unknown_callers_allowed:
             log.warning(
                 "event=SECURITY_WARNING listening on %s:%d and accepting ANY calling AE title "

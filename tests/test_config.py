@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from pacs_node.config import ConfigError, load_config, with_overrides
+from pacs_node import config as config_module
+from pacs_node.config import (
+    CONFIG_ENV,
+    ConfigError,
+    describe_access,
+    find_config_path,
+    load_config,
+    with_overrides,
+)
 
 
 def _load(tmp_path: Path, text: str):
@@ -42,7 +50,15 @@ def test_example_config_is_valid_and_equals_the_defaults(tmp_path: Path) -> None
         ("[dicom]\nae_title = 'A\\\\B'", "dicom.ae_title"),
         ("[dicom]\nmax_pdu_size = 10", "dicom.max_pdu_size"),
         ("[dicom]\nnetwork_timeout_s = -1", "dicom.network_timeout_s"),
-        ("[dicom]\nprot = 1", "unknown key(s): dicom.prot"),
+        ("[dicom]\nprot = 1", "unknown key(s): dicom.prot (did you mean dicom.port?)"),
+        ("[replicaton]\ntarget = 'none'", "replicaton (did you mean replication?)"),
+        (
+            "[[peers]]\nae_title = 'CT'\nalow = ['echo']",
+            "peers[0].alow (did you mean peers[0].allow?)",
+        ),
+        # A key written below the wrong [table] header: say where it belongs.
+        ("[dicom]\ndata_dir = '/srv'", "dicom.data_dir (a key of the top level"),
+        ("[logging]\nworkers = 2", "logging.workers (a key of [replication])"),
         ("colour = 'blue'", "unknown key(s): colour"),
         ("[duplicates]\non_different_bytes = 'overwrite'", "duplicates.on_different_bytes"),
         ("[logging]\nlevel = 'LOUD'", "logging.level"),
@@ -100,3 +116,60 @@ def test_serve_overrides_are_validated(tmp_path: Path) -> None:
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_example_config_unedited_writes_to_the_units_state_directory() -> None:
+    # /etc/pacs-node is read-only under the hardened unit; /var/lib/pacs-node is its
+    # StateDirectory (tests/test_service.py checks the unit says so).
+    example = Path(__file__).parent.parent / "config.example.toml"
+    config = load_config(example)
+    assert config.data_dir == Path("/var/lib/pacs-node")
+    assert config.index.path == Path("/var/lib/pacs-node/index.sqlite3")
+
+
+def test_config_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    explicit, named, default = (tmp_path / n for n in ("explicit.toml", "named.toml", "etc.toml"))
+    for path in (explicit, named, default):
+        path.write_text("")
+    missing = tmp_path / "absent.toml"
+    env = {CONFIG_ENV: str(named)}
+    # --config wins over everything
+    assert find_config_path(explicit, environ=env, default_paths=[default]) == explicit
+    # then $PACS_NODE_CONFIG
+    assert find_config_path(None, environ=env, default_paths=[default]) == named
+    # then the first default path that exists
+    assert find_config_path(None, environ={}, default_paths=[missing, default]) == default
+    # else the embedded default
+    assert find_config_path(None, environ={}, default_paths=[missing]) is None
+    assert find_config_path(None, environ={CONFIG_ENV: " "}, default_paths=[missing]) is None
+    # the real default list is /etc/pacs-node/config.toml, and can be replaced for tests
+    assert Path("/etc/pacs-node/config.toml") in config_module.DEFAULT_CONFIG_PATHS
+    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATHS", (default,))
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    assert find_config_path(None) == default
+
+
+def test_access_mode_is_said_with_its_reason(tmp_path: Path) -> None:
+    quick_start = describe_access(load_config(None, data_dir=tmp_path))
+    assert quick_start.startswith("open mode")
+    assert "loopback" in quick_start and "no [[peers]]" in quick_start
+    # one [[peers]] entry switches to allow-list mode, and the sentence says it was that
+    one_peer = describe_access(_load(tmp_path, "[[peers]]\nae_title='CT'"))
+    assert one_peer.startswith("allow-list mode")
+    assert "(CT)" in one_peer and "every other caller is refused" in one_peer
+    assert "[[peers]] lists at least one entry" in one_peer
+    both = describe_access(
+        _load(tmp_path, "[dicom]\nallow_unknown_callers=true\n[[peers]]\nae_title='CT'")
+    )
+    assert both.startswith("open mode") and "allow_unknown_callers = true" in both
+    exposed = describe_access(
+        _load(tmp_path, "[dicom]\nhost='0.0.0.0'\nallow_unknown_callers=true")
+    )
+    assert "SECURITY_WARNING" in exposed
+    closed = describe_access(_load(tmp_path, "[dicom]\nallow_unknown_callers=false"))
+    assert closed.startswith("closed")
+
+
+def test_unreadable_or_directory_config_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path)  # a directory, e.g. PACS_NODE_CONFIG=/etc/pacs-node

@@ -33,7 +33,12 @@ from pacs_node.cli.status import status
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="pacs-node")
 def main() -> None:
-    """pacs-node: a DICOM node that stores durably and replicates off-site."""
+    """pacs-node: a DICOM node that stores durably and replicates off-site.
+
+    Every command reads its configuration from --config FILE, else from the file named by
+    $PACS_NODE_CONFIG, else from /etc/pacs-node/config.toml if it exists, else the embedded
+    default. Run operator commands as the service user: sudo -u pacs-node pacs-node status.
+    """
 
 
 for _command in (

@@ -55,7 +55,12 @@ def _duration_s(text: str) -> int:
 
 def _pseudonym_key() -> bytes:
     value = os.environ.get(KEY_ENV, "")
-    if len(value.encode()) < 16:
+    if value and len(value.encode()) < 16:
+        raise BadInput(
+            f"configuration error: {KEY_ENV} is too short ({len(value.encode())} bytes; at "
+            "least 16 are needed, e.g. from `openssl rand -base64 32`)"
+        )
+    if not value:
         raise BadInput(
             f"configuration error: set {KEY_ENV} to the project's secret key (at least 16 "
             "characters, e.g. from `openssl rand -base64 32`); it is never stored, and the "

@@ -15,7 +15,8 @@ from typing import Any
 import click
 
 from pacs_node.cli.errors import BadInput
-from pacs_node.config import Config, ConfigError, load_config
+from pacs_node.config import CONFIG_SEARCH_HELP, Config, ConfigError
+from pacs_node.config_check import load_for_command
 from pacs_node.parts import REPLICATION_OFF_WARNING, build_replication_target
 from pacs_node.storage.bucket import ReplicationTarget, TargetError
 
@@ -23,12 +24,17 @@ _config_option = click.option(
     "--config",
     "config_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="TOML configuration file (default: the embedded default).",
+    help=CONFIG_SEARCH_HELP,
 )
 _data_dir_option = click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
     help="Data directory (overrides data_dir in the config).",
+)
+_force_root_option = click.option(
+    "--force-root",
+    is_flag=True,
+    help="Run as root even on a data directory another user (the service's) owns.",
 )
 
 
@@ -38,11 +44,13 @@ class ConfigSource:
 
     path: Path | None
     data_dir: Path | None
+    force_root: bool = False
 
     def load(self) -> Config:
-        """The validated config; BadInput (exit 2) naming the bad key."""
+        """The validated config, found as the service's is; BadInput (exit 2) naming the bad
+        key, or refusing root on another user's data directory."""
         try:
-            return load_config(self.path, data_dir=self.data_dir)
+            return load_for_command(self.path, data_dir=self.data_dir, force_root=self.force_root)
         except ConfigError as e:
             raise BadInput(f"configuration error: {e}") from e
 
@@ -53,9 +61,12 @@ def config_source_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @_config_option
     @_data_dir_option
+    @_force_root_option
     @wraps(command)
-    def wrapper(config_path: Path | None, data_dir: Path | None, **kwargs: Any) -> Any:
-        return command(ConfigSource(config_path, data_dir), **kwargs)
+    def wrapper(
+        config_path: Path | None, data_dir: Path | None, force_root: bool, **kwargs: Any
+    ) -> Any:
+        return command(ConfigSource(config_path, data_dir, force_root), **kwargs)
 
     return wrapper
 
@@ -66,9 +77,12 @@ def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @_config_option
     @_data_dir_option
+    @_force_root_option
     @wraps(command)
-    def wrapper(config_path: Path | None, data_dir: Path | None, **kwargs: Any) -> Any:
-        return command(ConfigSource(config_path, data_dir).load(), **kwargs)
+    def wrapper(
+        config_path: Path | None, data_dir: Path | None, force_root: bool, **kwargs: Any
+    ) -> Any:
+        return command(ConfigSource(config_path, data_dir, force_root).load(), **kwargs)
 
     return wrapper
 

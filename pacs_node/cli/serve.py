@@ -64,7 +64,10 @@ def serve(
     notifier.ready(node.summary())
     watchdog = Watchdog(notifier, node.health_problem, node.summary)
     watchdog.start()
-    while not stop.wait(3600):
+    # Short waits: a SIGTERM the kernel hands to another thread does not wake this one, and
+    # its Python handler runs only once this wait returns (seen: SIGTERM just after start
+    # ignored until SIGKILL).
+    while not stop.wait(1):
         pass
     notifier.stopping()
     watchdog.stop()
