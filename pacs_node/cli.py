@@ -40,8 +40,8 @@ from pacs_node.replication.restore import (
 from pacs_node.replication.restore import restore as restore_index
 from pacs_node.replication.verify import verify as verify_copies
 from pacs_node.service import Notifier, Watchdog
-from pacs_node.storage.bucket import ReplicationTarget, TargetError, build_target
 from pacs_node.storage.cache import Cache
+from pacs_node.storage.target import ReplicationTarget, TargetError, build_target
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2

@@ -16,14 +16,14 @@ from pacs_node.metrics import Metrics
 from pacs_node.replication.audit_copy import AuditCopier
 from pacs_node.replication.snapshot import Snapshotter
 from pacs_node.replication.worker import Replicator
-from pacs_node.storage.bucket import (
+from pacs_node.storage.cache import Cache
+from pacs_node.storage.eviction import Evictor
+from pacs_node.storage.target import (
     ReplicationTarget,
     TargetError,
     TargetSettings,
     build_target,
 )
-from pacs_node.storage.cache import Cache
-from pacs_node.storage.eviction import Evictor
 
 log = logging.getLogger(__name__)
 

@@ -154,8 +154,8 @@ class _Fetcher:
     def _download(self, item: RetrieveItem) -> Path:
         # Imported here: only an export of evicted instances needs the replication client.
         from pacs_node.node import target_settings
-        from pacs_node.storage.bucket import TargetError, build_target, instance_key
-        from pacs_node.storage.layout import locate
+        from pacs_node.storage.layout import object_key
+        from pacs_node.storage.target import TargetError, build_target
 
         r = self.config.replication
         if not r.enabled:
@@ -163,8 +163,7 @@ class _Fetcher:
         try:
             if self._target is None:
                 self._target = build_target(target_settings(r))
-            location = locate(item.study_uid, item.series_uid, item.sop_uid, item.version)
-            key = instance_key(r.prefix, str(location.relative_path()))
+            key = object_key(r.prefix, item.study_uid, item.series_uid, item.sop_uid, item.version)
             dest = self.work / f"fetched-{item.sop_uid}.dcm"
             self._target.download(key, dest)
         except (TargetError, ValueError, OSError) as e:
