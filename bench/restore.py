@@ -59,14 +59,13 @@ from pacs_node.index.drill import compare  # noqa: E402
 from pacs_node.index.restore import mark_restored  # noqa: E402
 from pacs_node.replication.restore import RestoreOptions, restore  # noqa: E402
 from pacs_node.replication.snapshot import take_snapshot  # noqa: E402
-from pacs_node.storage.bucket import (  # noqa: E402
+from pacs_node.storage.layout import locate, object_key  # noqa: E402
+from pacs_node.storage.target import (  # noqa: E402
     ObjectMeta,
     ReplicationTarget,
     TargetSettings,
     build_target,
-    instance_key,
 )
-from pacs_node.storage.layout import locate  # noqa: E402
 from tests.s3server import MotoServer, free_port  # noqa: E402
 
 UID_ROOT = "1.2.826.0.1.3680043.10.1139"
@@ -166,8 +165,7 @@ def fill(client: Any, bucket: str, index: Index, count: int, in_index: int) -> i
 
     def upload(n: int) -> tuple[int, bytes, int, ObjectMeta]:
         data, offset, meta = _part10(n, start + timedelta(milliseconds=n))
-        where = locate(meta.study_uid, meta.series_uid, meta.sop_uid)
-        key = instance_key(PREFIX, str(where.relative_path()))
+        key = object_key(PREFIX, meta.study_uid, meta.series_uid, meta.sop_uid)
         client.put_object(Bucket=bucket, Key=key, Body=data, Metadata=meta.to_metadata())
         return n, data, offset, meta
 

@@ -23,8 +23,8 @@ from pacs_node.preflight import check_listen_addresses
 from pacs_node.replication.audit_copy import AuditCopier
 from pacs_node.replication.snapshot import Snapshotter
 from pacs_node.replication.worker import Replicator
-from pacs_node.storage.bucket import ReplicationTarget, TargetError
 from pacs_node.storage.eviction import Evictor
+from pacs_node.storage.target import ReplicationTarget, TargetError
 
 log = logging.getLogger(__name__)
 

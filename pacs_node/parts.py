@@ -13,8 +13,8 @@ from typing import Any
 from pacs_node.audit import AuditLog
 from pacs_node.config import Config, ReplicationConfig
 from pacs_node.index import Index
-from pacs_node.storage.bucket import ReplicationTarget, TargetSettings, build_target
 from pacs_node.storage.cache import Cache
+from pacs_node.storage.target import ReplicationTarget, TargetSettings, build_target
 
 REPLICATION_OFF_WARNING = (
     "replication is off: no [replication] target is configured, so no disaster-recovery "

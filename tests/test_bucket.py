@@ -1,8 +1,9 @@
 # ruff: noqa: F811 (pytest fixtures imported from tests.s3server are redefined as arguments)
-"""Replication targets against a real S3 endpoint (moto server) through boto3, and a directory.
+"""What only one backend does: S3 (moto server, through boto3) and the directory target.
 
-Faults come from a TCP proxy (refused, hanging, corrupting connections) or from stopping the
-server, never from patching boto3.
+The promises every target keeps are in tests/test_target_contract.py, run against both. Faults
+come from a TCP proxy (refused, hanging, corrupting connections) or from stopping the server,
+never from patching boto3.
 """
 
 from __future__ import annotations
@@ -15,25 +16,20 @@ import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import botocore.exceptions
 import pytest
 
-from pacs_node.storage.bucket import (
-    DirectoryTarget,
+from pacs_node.storage.directory import DirectoryTarget
+from pacs_node.storage.target import (
     ObjectConflict,
-    ObjectMeta,
     PermanentTargetError,
     RemoteObject,
     TargetSettings,
     TransientTargetError,
     build_target,
-    instance_key,
 )
-from pacs_node.storage.layout import locate
 from tests.s3server import (  # noqa: F401 (fixtures)
-    REGION,
     FaultProxy,
     MotoServer,
     _moto_process,
@@ -43,111 +39,17 @@ from tests.s3server import (  # noqa: F401 (fixtures)
     s3_server,
     unique_bucket_name,
 )
-
-MiB = 1024**2
-STUDY = "1.2.826.0.1.3680043.8.498.1"
-SERIES = "1.2.826.0.1.3680043.8.498.1.1"
-SOP = "1.2.826.0.1.3680043.8.498.1.1.1"
-CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-HEADER_BYTES = 132 + 200  # preamble + DICM + a File Meta group, as the cache writes it
-
-
-def make_instance(
-    directory: Path, size: int, seed: int = 1, sop: str = SOP, sender_ae: str = "CT 1"
-) -> tuple[Path, ObjectMeta]:
-    """A Part-10-shaped file of `size` bytes and its metadata (sha256 of the dataset part)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{sop}-{seed}-{size}.dcm"
-    dataset_sha = hashlib.sha256()
-    with path.open("wb") as f:
-        f.write(b"\0" * 128 + b"DICM" + bytes([seed % 256]) * (HEADER_BYTES - 132))
-        block = hashlib.sha512(f"{seed}".encode()).digest() * 16384  # 1 MiB, seed-dependent
-        remaining = size - HEADER_BYTES
-        while remaining > 0:
-            chunk = block[:remaining]
-            f.write(chunk)
-            dataset_sha.update(chunk)
-            remaining -= len(chunk)
-    meta = ObjectMeta(
-        study_uid=STUDY,
-        series_uid=SERIES,
-        sop_uid=sop,
-        sop_class_uid=CT_IMAGE,
-        transfer_syntax_uid=EXPLICIT_LE,
-        version=1,
-        sha256=dataset_sha.hexdigest(),
-        dataset_offset=HEADER_BYTES,
-        sender_ae=sender_ae,
-        sender_address="127.0.0.1",
-        received_at="2025-01-02T03:04:05.678901+00:00",
-    )
-    return path, meta
-
-
-def key_for(sop: str = SOP, prefix: str = "site-a") -> str:
-    return instance_key(prefix, str(locate(STUDY, SERIES, sop).relative_path()))
-
-
-def s3_settings(endpoint_url: str, bucket_name: str, **overrides: Any) -> TargetSettings:
-    base = TargetSettings(
-        kind="s3",
-        bucket=bucket_name,
-        prefix="site-a",
-        endpoint_url=endpoint_url,
-        region=REGION,
-        addressing_style="path",
-        connect_timeout_s=1.0,
-        read_timeout_s=2.0,
-        max_attempts=2,
-    )
-    return replace(base, **overrides)
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def fetched(target: Any, key: str, tmp_path: Path) -> bytes:
-    dest = tmp_path / "fetched" / key.replace("/", "_")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    target.download(key, dest)
-    return dest.read_bytes()
-
+from tests.test_target_contract import (
+    SOP,
+    MiB,
+    fetched,
+    key_for,
+    make_instance,
+    s3_settings,
+)
 
 # ---------------------------------------------------------------------------------------------
-# Keys and metadata
-
-
-def test_instance_key_has_no_leading_or_double_slashes() -> None:
-    assert instance_key("site-a", "ab/1.2/1.3/1.4.dcm") == "site-a/instances/ab/1.2/1.3/1.4.dcm"
-    assert instance_key("/site-a//", "/ab/1.4.dcm") == "site-a/instances/ab/1.4.dcm"
-    assert instance_key("", "ab/1.4.dcm") == "instances/ab/1.4.dcm"
-    with pytest.raises(ValueError):
-        instance_key("site", "../etc/passwd")
-
-
-def test_metadata_round_trip_is_ascii_and_exact(tmp_path: Path) -> None:
-    _path, meta = make_instance(tmp_path, 4096)
-    odd = replace(meta, sender_ae=" MR 100% ", sender_address="::1")
-    metadata = odd.to_metadata()
-    for k, v in metadata.items():
-        assert k == k.lower() and k.isascii() and v.isascii()
-        assert v == v.strip() and " " not in v  # HTTP would trim blanks of a header value
-    assert ObjectMeta.from_metadata(metadata) == odd
-    # What S3 returns keeps our keys (lowercased); anything else is ignored.
-    assert ObjectMeta.from_metadata({**metadata, "other": "x"}) == odd
-
-
-def test_metadata_from_the_bucket_is_validated(tmp_path: Path) -> None:
-    _path, meta = make_instance(tmp_path, 4096)
-    metadata = meta.to_metadata()
-    with pytest.raises(ValueError):
-        ObjectMeta.from_metadata({**metadata, "pacs-sop-uid": "..%2F..%2Fetc"})
-    with pytest.raises(ValueError):
-        ObjectMeta.from_metadata({k: v for k, v in metadata.items() if k != "pacs-sha256"})
-    with pytest.raises(ValueError):
-        ObjectMeta.from_metadata({**metadata, "pacs-version": "two"})
+# Settings
 
 
 def test_bad_settings_are_permanent_errors(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -172,32 +74,17 @@ def test_bad_settings_are_permanent_errors(monkeypatch: pytest.MonkeyPatch) -> N
 # S3: the happy paths
 
 
-def test_put_head_list_download_round_trip(
+def test_the_bucket_describes_itself_to_any_s3_client(
     s3_server: MotoServer, bucket: str, tmp_path: Path
 ) -> None:
     target = build_target(s3_settings(s3_server.endpoint_url, bucket))
-    assert target.description == f"s3://{bucket}/site-a (endpoint {s3_server.endpoint_url})"
-    target.check()
     path, meta = make_instance(tmp_path / "cache", 300_000)
     key = key_for()
-
-    stored = target.put_instance(key, path, meta)
-
-    md5 = hashlib.md5(path.read_bytes()).hexdigest()
-    assert stored == RemoteObject(key=key, size=300_000, etag=md5, meta=meta)
-    assert target.head(key) == stored
-    assert target.head(key_for(sop="1.2.3.4")) is None
-    assert list(target.list_objects("site-a/")) == [
-        RemoteObject(key=key, size=300_000, etag=md5, meta=None)
-    ]
-    assert list(target.list_objects("other/")) == []
-    assert fetched(target, key, tmp_path) == path.read_bytes()
-    # The bucket describes itself to any S3 client.
+    target.put_instance(key, path, meta)
     raw = s3_server.client().head_object(Bucket=bucket, Key=key)
     assert raw["Metadata"]["pacs-sha256"] == meta.sha256
     assert raw["Metadata"]["pacs-sop-uid"] == SOP
     assert raw["Metadata"]["pacs-sender-ae"] == "CT%201"
-    assert key.startswith("site-a/instances/") and key.endswith(f"/{SOP}.dcm")
 
 
 def test_large_file_goes_multipart_and_is_verified_by_multipart_etag(
@@ -225,46 +112,16 @@ def test_large_file_goes_multipart_and_is_verified_by_multipart_etag(
     assert s3_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
 
-def test_re_put_of_the_same_instance_is_idempotent(
+def test_an_idempotent_re_put_writes_nothing(
     s3_server: MotoServer, bucket: str, tmp_path: Path
 ) -> None:
     target = build_target(s3_settings(s3_server.endpoint_url, bucket))
     path, meta = make_instance(tmp_path, 50_000)
     key = key_for()
     first = target.put_instance(key, path, meta)
-    second = target.put_instance(key, path, meta)  # e.g. a retry after a crash before the ack
-    assert second == first
+    assert target.put_instance(key, path, meta) == first
     versions = s3_server.client().list_object_versions(Bucket=bucket).get("Versions", [])
     assert len(versions) == 1
-
-
-def test_a_different_instance_at_the_key_is_a_conflict_and_never_replaced(
-    s3_server: MotoServer, bucket: str, tmp_path: Path
-) -> None:
-    target = build_target(s3_settings(s3_server.endpoint_url, bucket))
-    first_path, first_meta = make_instance(tmp_path / "a", 50_000, seed=1)
-    other_path, other_meta = make_instance(tmp_path / "b", 50_000, seed=2)
-    key = key_for()
-    target.put_instance(key, first_path, first_meta)
-
-    with pytest.raises(ObjectConflict, match=key):
-        target.put_instance(key, other_path, other_meta)
-
-    assert fetched(target, key, tmp_path) == first_path.read_bytes()
-    head = target.head(key)
-    assert head is not None and head.meta == first_meta
-
-
-def test_an_object_without_our_metadata_is_never_replaced(
-    s3_server: MotoServer, bucket: str, tmp_path: Path
-) -> None:
-    target = build_target(s3_settings(s3_server.endpoint_url, bucket))
-    path, meta = make_instance(tmp_path, 10_000)
-    key = key_for()
-    s3_server.client().put_object(Bucket=bucket, Key=key, Body=b"someone else's bytes")
-    with pytest.raises(ObjectConflict):
-        target.put_instance(key, path, meta)
-    assert fetched(target, key, tmp_path) == b"someone else's bytes"
 
 
 @pytest.mark.parametrize("checksum", ["sha256", "md5", "none"])
@@ -307,7 +164,7 @@ def test_sse_c_round_trip_is_verified_by_reading_back(
     )
     path, meta = make_instance(tmp_path, 100_000)
     key = key_for()
-    with caplog.at_level(logging.DEBUG, logger="pacs_node.storage.bucket"):
+    with caplog.at_level(logging.DEBUG, logger="pacs_node.storage.s3"):
         stored = target.put_instance(key, path, meta)
     assert stored.meta == meta
     # The ETag of an SSE-C object is no MD5: the upload was verified by reading it back.
@@ -497,54 +354,28 @@ def leftovers(root: Path) -> list[Path]:
     return sorted(tmp.iterdir()) if tmp.exists() else []
 
 
-def test_directory_round_trip(tmp_path: Path) -> None:
-    root = tmp_path / "nas"
-    target = dir_target(root)
-    assert target.description == f"dir:{root}"
-    target.check()
-    path, meta = make_instance(tmp_path / "cache", 300_000)
-    key = key_for()
-
-    stored = target.put_instance(key, path, meta)
-
-    md5 = hashlib.md5(path.read_bytes()).hexdigest()
-    assert stored == RemoteObject(key=key, size=300_000, etag=md5, meta=meta)
-    assert target.head(key) == stored
-    assert target.head(key_for(sop="1.2.3")) is None
-    assert (root / key).read_bytes() == path.read_bytes()
-    assert (root / f"{key}.meta.json").exists()
-    assert list(target.list_objects("site-a/")) == [
-        RemoteObject(key=key, size=300_000, etag=None, meta=None)
-    ]
-    assert [o.key for o in target.list_objects(key[:-8])] == [key]
-    assert list(target.list_objects("other/")) == []
-    assert fetched(target, key, tmp_path) == path.read_bytes()
-    assert leftovers(root) == []
-    target.delete(key)
-    assert target.head(key) is None and not (root / f"{key}.meta.json").exists()
-
-
-def test_directory_idempotence_conflict_and_healing(tmp_path: Path) -> None:
+def test_directory_sidecars_and_no_temporary_leftovers(tmp_path: Path) -> None:
     root = tmp_path / "nas"
     target = dir_target(root)
     path, meta = make_instance(tmp_path / "a", 50_000, seed=1)
     other_path, other_meta = make_instance(tmp_path / "b", 50_000, seed=2)
     key = key_for()
-    first = target.put_instance(key, path, meta)
 
-    assert target.put_instance(key, path, meta) == first
+    target.put_instance(key, path, meta)
+    assert (root / key).read_bytes() == path.read_bytes()
+    assert (root / f"{key}.meta.json").exists()
+    target.put_instance(key, path, meta)
     with pytest.raises(ObjectConflict):
         target.put_instance(key, other_path, other_meta)
-    assert (root / key).read_bytes() == path.read_bytes()
-
-    # A corrupted copy of the same instance (bit rot, a torn NAS write) is replaced.
     stored = bytearray((root / key).read_bytes())
     stored[1000] ^= 0xFF
     (root / key).write_bytes(bytes(stored))
-    healed = target.put_instance(key, path, meta)
-    assert healed == first
+    target.put_instance(key, path, meta)  # heals the corrupted copy
     assert (root / key).read_bytes() == path.read_bytes()
     assert leftovers(root) == []
+
+    target.delete(key)
+    assert target.head(key) is None and not (root / f"{key}.meta.json").exists()
 
 
 def test_directory_crash_leftovers_never_give_a_wrong_answer(tmp_path: Path) -> None:

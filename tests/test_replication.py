@@ -20,7 +20,7 @@ import boto3
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
-from pacs_node.storage.bucket import ObjectMeta
+from pacs_node.storage.target import ObjectMeta
 from tests.checks import instance_rows
 from tests.conftest import NODE_AE, NodeProcess, RunningNode, dcmtk, free_port
 from tests.factory import Made, make_folder

@@ -33,8 +33,8 @@ from pacs_node.index import SUPPORTED_KEYS, Index
 from pacs_node.parts import target_settings
 from pacs_node.replication.restore import RestoreOptions, restore
 from pacs_node.replication.snapshot import list_snapshots, read_manifest, take_snapshot
-from pacs_node.storage.bucket import ObjectMeta, build_target
 from pacs_node.storage.layout import locate
+from pacs_node.storage.target import ObjectMeta, build_target
 from tests.checks import instance_rows
 from tests.conftest import RunningNode, free_port
 from tests.factory import Made, base_dataset, dataset_bytes_sha256, make_folder, write_instance

@@ -18,7 +18,7 @@ from pacs_node.cli.errors import BadInput
 from pacs_node.config import CONFIG_SEARCH_HELP, Config, ConfigError
 from pacs_node.config_check import load_for_command
 from pacs_node.parts import REPLICATION_OFF_WARNING, build_replication_target
-from pacs_node.storage.bucket import ReplicationTarget, TargetError
+from pacs_node.storage.target import ReplicationTarget, TargetError
 
 _config_option = click.option(
     "--config",

@@ -22,7 +22,7 @@ from pacs_node.replication.reconcile import ResyncReport
 from pacs_node.replication.reconcile import resync as resync_bucket
 from pacs_node.replication.verify import VerifyReport
 from pacs_node.replication.verify import verify as verify_copies
-from pacs_node.storage.bucket import ReplicationTarget, TargetError
+from pacs_node.storage.target import ReplicationTarget, TargetError
 
 
 @click.command()

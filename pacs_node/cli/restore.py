@@ -32,7 +32,7 @@ from pacs_node.replication.restore import (
     RestoreReport,
 )
 from pacs_node.replication.restore import restore as restore_index
-from pacs_node.storage.bucket import TargetError
+from pacs_node.storage.target import TargetError
 
 
 @click.command()

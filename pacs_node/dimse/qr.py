@@ -82,9 +82,9 @@ from pacs_node.dimse.status import (
 )
 from pacs_node.index import Index, IndexFailure, QueryError, RetrieveItem
 from pacs_node.index.query import FindRequest
-from pacs_node.storage.bucket import ReplicationTarget
 from pacs_node.storage.cache import Cache
 from pacs_node.storage.readthrough import ReadThrough, ReadThroughFailed
+from pacs_node.storage.target import ReplicationTarget
 
 log = logging.getLogger(__name__)
 

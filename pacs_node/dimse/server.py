@@ -31,8 +31,8 @@ from pacs_node.dimse.receive import StoreReceiver, TunedSocket, quickack
 from pacs_node.dimse.status import NOT_AUTHORIZED, SUCCESS
 from pacs_node.index import Index
 from pacs_node.ingest import Ingest
-from pacs_node.storage.bucket import ReplicationTarget
 from pacs_node.storage.cache import Cache
+from pacs_node.storage.target import ReplicationTarget
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association

@@ -40,9 +40,9 @@ from pacs_node.export.writer import Source, UnreadableInstance, open_source, wri
 from pacs_node.index import IndexFailure, RetrieveItem
 from pacs_node.parts import build_audit, build_cache, build_index, build_replication_target
 from pacs_node.progress import NullProgress, Progress
-from pacs_node.storage.bucket import TargetError, instance_key
 from pacs_node.storage.export_target import ExportTarget, ExportTargetError
-from pacs_node.storage.layout import locate
+from pacs_node.storage.layout import object_key
+from pacs_node.storage.target import TargetError
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +156,7 @@ class _Fetcher:
         try:
             if self._target is None:
                 self._target = build_replication_target(self.config)
-            location = locate(item.study_uid, item.series_uid, item.sop_uid, item.version)
-            key = instance_key(r.prefix, str(location.relative_path()))
+            key = object_key(r.prefix, item.study_uid, item.series_uid, item.sop_uid, item.version)
             dest = self.work / f"fetched-{item.sop_uid}.dcm"
             self._target.download(key, dest)
         except (TargetError, ValueError, OSError) as e:

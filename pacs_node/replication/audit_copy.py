@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 from pacs_node.audit import rotated_files
-from pacs_node.storage.bucket import ReplicationTarget, TargetError
+from pacs_node.storage.target import ReplicationTarget, TargetError
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from pacs_node.index.db import utcnow
 from pacs_node.index.drill import Comparison, LiveState, compare, live_state
 from pacs_node.progress import Progress
 from pacs_node.replication.restore import Problem, RestoreOptions, RestoreReport, restore
-from pacs_node.storage.bucket import ReplicationTarget, instance_key
-from pacs_node.storage.layout import locate
+from pacs_node.storage.layout import object_key
+from pacs_node.storage.target import ReplicationTarget
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +143,7 @@ def _differences(target: ReplicationTarget, prefix: str, report: DrillReport) ->
         if m.problem != "not restored":
             out.append(Difference(m.sop_uid, m.version, "differs in the restored index", m.detail))
             continue
-        key = instance_key(
-            prefix, str(locate(m.study_uid, m.series_uid, m.sop_uid, m.version).relative_path())
-        )
+        key = object_key(prefix, m.study_uid, m.series_uid, m.sop_uid, m.version)
         if key in skipped:
             out.append(
                 Difference(m.sop_uid, m.version, "object not restorable", skipped[key].detail)

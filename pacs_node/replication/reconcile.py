@@ -25,29 +25,13 @@ from pacs_node.index import Index
 from pacs_node.index.db import utcnow
 from pacs_node.index.reconcile import IndexedCopy, count_instances, iter_instances, requeue
 from pacs_node.progress import NullProgress, Progress
-from pacs_node.storage.bucket import ReplicationTarget, instance_key
 from pacs_node.storage.cache import Cache
-from pacs_node.storage.layout import locate
+from pacs_node.storage.layout import instances_prefix, object_key
+from pacs_node.storage.target import ReplicationTarget
 
 log = logging.getLogger(__name__)
 
 _REQUEUE_BATCH = 500
-
-
-def relative_path_of(copy: IndexedCopy) -> str:
-    """The instance's path below the cache root and the bucket prefix (also once evicted)."""
-    if copy.cache_path is not None:
-        return copy.cache_path
-    return str(locate(copy.study_uid, copy.series_uid, copy.sop_uid, copy.version).relative_path())
-
-
-def object_key(prefix: str, copy: IndexedCopy) -> str:
-    return instance_key(prefix, relative_path_of(copy))
-
-
-def instances_prefix(prefix: str) -> str:
-    """`<prefix>/instances/`: the listing never reaches other trees (snapshots, other nodes)."""
-    return instance_key(prefix, "") + "/"
 
 
 @dataclass(frozen=True)
@@ -170,7 +154,7 @@ def _compare(
         for copy in iter_instances(index):
             report.indexed += 1
             progress.advance()
-            key = object_key(prefix, copy)
+            key = object_key(prefix, copy.study_uid, copy.series_uid, copy.sop_uid, copy.version)
             size = listed.pop(key, None)
             if not copy.replicated or copy.replicated_at is None:
                 report.queued += 1

@@ -54,16 +54,14 @@ from pacs_node.index.records import RestoredInstance
 from pacs_node.index.restore import RestoreWriter, check_complete, drop_instances, mark_restored
 from pacs_node.index.snapshot import SnapshotFacts, facts, inspect_copy
 from pacs_node.progress import NullProgress, Progress
-from pacs_node.replication.reconcile import instances_prefix
 from pacs_node.replication.snapshot import Manifest, list_snapshots, read_manifest
-from pacs_node.storage.bucket import (
+from pacs_node.storage.layout import InvalidUID, instances_prefix, object_key
+from pacs_node.storage.target import (
     ObjectMeta,
     PermanentTargetError,
     ReplicationTarget,
     TransientTargetError,
-    instance_key,
 )
-from pacs_node.storage.layout import InvalidUID, locate
 
 log = logging.getLogger(__name__)
 
@@ -415,7 +413,7 @@ def _reconcile_snapshot(
 
 def _key(prefix: str, study: str, series: str, sop: str, version: int) -> str | None:
     try:
-        return instance_key(prefix, str(locate(study, series, sop, version).relative_path()))
+        return object_key(prefix, study, series, sop, version)
     except (InvalidUID, ValueError):
         return None
 

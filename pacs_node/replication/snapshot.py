@@ -36,7 +36,7 @@ from pacs_node import __version__
 from pacs_node.config import SnapshotConfig
 from pacs_node.index import Index, IndexFailure
 from pacs_node.index.snapshot import SnapshotFacts, fingerprint, inspect_copy, vacuum_into
-from pacs_node.storage.bucket import ReplicationTarget, TargetError
+from pacs_node.storage.target import ReplicationTarget, TargetError
 
 log = logging.getLogger(__name__)
 

@@ -36,9 +36,9 @@ from pacs_node.index.reconcile import (
     sample_instances,
 )
 from pacs_node.progress import NullProgress, Progress
-from pacs_node.replication.reconcile import object_key
-from pacs_node.storage.bucket import ReplicationTarget
 from pacs_node.storage.cache import Cache, FileDigest, NotVerified, digest_file
+from pacs_node.storage.layout import object_key
+from pacs_node.storage.target import ReplicationTarget
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class _Verifier:
 
     def check(self, copy: IndexedCopy) -> None:
         self.report.checked += 1
-        key = object_key(self._prefix, copy)
+        key = object_key(self._prefix, copy.study_uid, copy.series_uid, copy.sop_uid, copy.version)
         state, digest = self._check_cache(copy)
         if state == "ok":
             assert digest is not None

@@ -21,15 +21,14 @@ from datetime import UTC, datetime, timedelta
 
 from pacs_node.config import ReplicationConfig
 from pacs_node.index import ClaimedJob, Index, IndexFailure
-from pacs_node.storage.bucket import (
+from pacs_node.storage.cache import Cache
+from pacs_node.storage.layout import object_key
+from pacs_node.storage.target import (
     ObjectMeta,
     PermanentTargetError,
     ReplicationTarget,
     TargetError,
-    instance_key,
 )
-from pacs_node.storage.cache import Cache
-from pacs_node.storage.layout import locate
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +189,9 @@ class Replicator:
             # if the bucket holds this instance.
             self._confirm_remote(owner, job)
             return
-        key = instance_key(self._config.prefix, job.cache_path)
+        key = self._key_or_fail(owner, job)
+        if key is None:
+            return
         try:
             # Never send bytes that are not the instance: a cached file damaged since it was
             # received would reach the bucket labelled with the right hash.
@@ -226,13 +227,20 @@ class Replicator:
             (time.perf_counter() - started) * 1000,
         )
 
-    def _confirm_remote(self, owner: str, job: ClaimedJob) -> None:
+    def _key_or_fail(self, owner: str, job: ClaimedJob) -> str | None:
+        """The job's object key; None once the job is failed for UIDs no key can be made of."""
         try:
-            location = locate(job.study_uid, job.series_uid, job.sop_uid, job.version)
+            return object_key(
+                self._config.prefix, job.study_uid, job.series_uid, job.sop_uid, job.version
+            )
         except ValueError as e:  # InvalidUID: a row this node would never have written
             self._failed(owner, job, "-", PermanentTargetError(f"no object key for it: {e}"))
+            return None
+
+    def _confirm_remote(self, owner: str, job: ClaimedJob) -> None:
+        key = self._key_or_fail(owner, job)
+        if key is None:
             return
-        key = instance_key(self._config.prefix, str(location.relative_path()))
         try:
             remote = self.target.head(key)
         except TargetError as e:

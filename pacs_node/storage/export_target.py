@@ -1,10 +1,10 @@
 """Where an export goes: an S3 bucket/prefix with its own credentials, or a directory.
 
 Never the clinical bucket: `pacs_node.export` refuses a destination that is the replication
-target or lies inside the node's data directory. The S3 client here is separate from the
-replication one (bucket.py) on purpose: its credentials come from PACS_NODE_EXPORT_AWS_*
-environment variables, or a named profile, or else boto3's default chain, so a research bucket
-can be written with keys that cannot touch the clinical one.
+target or lies inside the node's data directory. Its S3 client is built by `s3client.py`, as
+the replication one, but is a separate client on purpose: its credentials come from
+PACS_NODE_EXPORT_AWS_* environment variables, or a named profile, or else boto3's default
+chain, so a research bucket can be written with keys that cannot touch the clinical one.
 
 Writes are whole objects under deterministic keys: writing the same key again (a resumed
 export) replaces it with the same bytes, so a retry never duplicates anything. Each write is
@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote, urlparse
 
-import boto3
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
-from botocore.config import Config as BotoConfig
 
 from pacs_node.fsio import fsync_dir
+from pacs_node.storage.s3client import S3ClientSettings, StaticCredentials, new_s3_client
 
 ENV_PREFIX = "PACS_NODE_EXPORT_AWS_"
 MAX_PRESIGN_S = 7 * 24 * 3600  # SigV4 presigned URLs live at most 7 days
@@ -123,31 +122,24 @@ class S3ExportTarget:
             name: os.environ.get(ENV_PREFIX + name)
             for name in ("ACCESS_KEY_ID", "SECRET_ACCESS_KEY", "SESSION_TOKEN")
         }
-        with _translated("building the S3 client"):
-            if env["ACCESS_KEY_ID"] and env["SECRET_ACCESS_KEY"]:
-                session = boto3.session.Session(
-                    aws_access_key_id=env["ACCESS_KEY_ID"],
-                    aws_secret_access_key=env["SECRET_ACCESS_KEY"],
-                    aws_session_token=env["SESSION_TOKEN"] or None,
-                    region_name=options.region,
-                )
-            else:
-                session = boto3.session.Session(
-                    profile_name=options.profile, region_name=options.region
-                )
-            self._client = session.client(
-                "s3",
-                endpoint_url=options.endpoint_url,
-                config=BotoConfig(
-                    signature_version="s3v4",
-                    s3={"addressing_style": options.addressing_style},
-                    retries={"total_max_attempts": 5, "mode": "standard"},
-                    # Several S3-compatible stores reject boto3's newer default checksums.
-                    request_checksum_calculation="when_required",
-                    response_checksum_validation="when_required",
-                ),
+        credentials = None
+        if env["ACCESS_KEY_ID"] and env["SECRET_ACCESS_KEY"]:
+            credentials = StaticCredentials(
+                access_key_id=env["ACCESS_KEY_ID"],
+                secret_access_key=env["SECRET_ACCESS_KEY"],
+                session_token=env["SESSION_TOKEN"] or None,
             )
-        self._region = session.region_name
+        with _translated("building the S3 client"):
+            self._client = new_s3_client(
+                S3ClientSettings(
+                    endpoint_url=options.endpoint_url,
+                    region=options.region,
+                    addressing_style=options.addressing_style,
+                    profile=options.profile,
+                    credentials=credentials,
+                )
+            )
+        self._region: str = self._client.meta.region_name
 
     def check(self) -> None:
         """The bucket exists. Credentials that may only write (no ListBucket: HEAD answers
@@ -222,7 +214,7 @@ class S3ExportTarget:
             if self.options.endpoint_url:
                 base = self.options.endpoint_url.rstrip("/")
                 return f"{base}/{self.bucket}/{quote(key)}"
-            region = self._region or "us-east-1"
+            region = self._region  # boto3 resolves no region to us-east-1, as S3 does
             return f"https://{self.bucket}.s3.{region}.amazonaws.com/{quote(key)}"
         raise ExportTargetError(f"unknown link mode {mode!r}")
 

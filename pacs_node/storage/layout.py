@@ -11,8 +11,9 @@ import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-_LENIENT_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+# Used with fullmatch only: `$` in a match() would let a trailing newline through.
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+_LENIENT_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 MAX_UID_LENGTH = 64
 
 
@@ -33,14 +34,14 @@ def validate_uid(value: object, what: str) -> str:
         raise InvalidUID(f"{what} is empty")
     if len(uid) > MAX_UID_LENGTH:
         raise InvalidUID(f"{what} is {len(uid)} characters long (at most {MAX_UID_LENGTH})")
-    if not _LENIENT_UID_RE.match(uid):
+    if not _LENIENT_UID_RE.fullmatch(uid):
         raise InvalidUID(f"{what} contains characters other than digits and dots")
     return uid
 
 
 def is_strict_uid(uid: str) -> bool:
     """True when `uid` also has no leading zeros in its components (PS3.5 9.1)."""
-    return bool(_UID_RE.match(uid))
+    return bool(_UID_RE.fullmatch(uid))
 
 
 @dataclass(frozen=True)
@@ -74,3 +75,29 @@ def locate(
         sop_uid=validate_uid(sop_uid, "SOPInstanceUID"),
         version=version,
     )
+
+
+def object_key(
+    prefix: str, study_uid: object, series_uid: object, sop_uid: object, version: int = 1
+) -> str:
+    """`<prefix>/instances/<relative path>`: the one place an instance's object key is made.
+
+    The UIDs are validated (`locate`), and the key below the prefix is the cache path, so a
+    cached file and its bucket copy are always found by the same name.
+    """
+    location = locate(study_uid, series_uid, sop_uid, version)
+    return _join_key(prefix, "instances", str(location.relative_path()))
+
+
+def instances_prefix(prefix: str) -> str:
+    """`<prefix>/instances/`: a listing under it never reaches other trees (snapshots, other
+    nodes' prefixes)."""
+    return _join_key(prefix, "instances") + "/"
+
+
+def _join_key(*parts: str) -> str:
+    """Joined with no leading, trailing or doubled slashes; '.' and '..' parts are refused."""
+    joined = [p for part in parts for p in part.split("/") if p]
+    if any(p in (".", "..") for p in joined):
+        raise ValueError(f"object key parts may not be '.' or '..': {'/'.join(parts)!r}")
+    return "/".join(joined)

@@ -19,9 +19,9 @@ import time
 
 from pacs_node.audit import AuditLog
 from pacs_node.index import Index, IndexFailure, RetrieveItem
-from pacs_node.storage.bucket import ReplicationTarget, TargetError, instance_key
 from pacs_node.storage.cache import Cache, CacheError, dataset_sha256
-from pacs_node.storage.layout import InvalidUID, locate
+from pacs_node.storage.layout import InvalidUID, locate, object_key
+from pacs_node.storage.target import ReplicationTarget, TargetError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,9 @@ class ReadThrough:
             relative = item.cache_path or str(
                 locate(item.study_uid, item.series_uid, item.sop_uid, item.version).relative_path()
             )
-            key = instance_key(self._prefix, relative)
+            key = object_key(
+                self._prefix, item.study_uid, item.series_uid, item.sop_uid, item.version
+            )
         except (InvalidUID, ValueError) as e:  # an index row we would never have written
             raise self._failed(item, "-", f"no object key for it: {e}") from e
         try:
