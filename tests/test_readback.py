@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from pacs_node.retrieve.readback import MISMATCH, Readback, ReadbackFailed
 from pacs_node.storage.cache import Cache
@@ -34,7 +33,6 @@ from tests.test_cache_bound import (
     SUCCESS,
     assert_cache_consistent,
     audit,
-    bounded_node,
     cache_files,
     make_study,
     movescu,
@@ -46,8 +44,6 @@ from tests.test_export import run_export
 from tests.test_query_retrieve import (  # noqa: F401 (the storescp fixture)
     StoreSCP,
     callers,
-    identifier,
-    py_get,
     start_storescp,
 )
 from tests.test_replication import PREFIX, pending_jobs, replication_section, s3_client, wait_until
@@ -197,39 +193,3 @@ def test_a_damaged_cached_file_is_never_served(
                 ]
             )
         )
-
-
-def test_a_damaged_cached_file_is_sent_from_the_bucket_and_healed(
-    start_node: Callable[..., RunningNode], s3_server: MotoServer, bucket: str, tmp_path: Path
-) -> None:
-    """C-GET of an instance whose cached file has a flipped byte: the bad bytes are never
-    sent; the bucket's copy (verified) is, and replaces the cached file."""
-    node = bounded_node(start_node, s3_server.endpoint_url, bucket)
-    made = make_study(tmp_path / "in", 3, "PIDH")
-    assert py_store(node, made) == [(SUCCESS, "")] * 3
-    db = node.config.index.path
-    wait_until(lambda: pending_jobs(db) == 0, 60, "replication")
-    rows = instance_rows(db)
-    path = node.config.storage.cache_dir / rows[(made[1].sop_uid, 1)]["cache_path"]
-    data = bytearray(path.read_bytes())
-    data[-100] ^= 0xFF
-    path.write_bytes(bytes(data))
-    used = node.node.cache.budget.used
-
-    responses, got = py_get(
-        node,
-        "STUDY",
-        identifier("STUDY", StudyInstanceUID=made[0].study_uid),
-        [(CTImageStorage, ExplicitVRLittleEndian)],
-    )
-    assert responses[-1][0].Status == SUCCESS
-    assert {g.sop_uid: g.sha256() for g in got} == {
-        m.sop_uid: rows[(m.sop_uid, 1)]["sha256"] for m in made
-    }
-    assert dataset_bytes_sha256(path) == rows[(made[1].sop_uid, 1)]["sha256"]  # healed
-    assert node.node.cache.budget.used == used
-    assert_cache_consistent(node)
-    (damaged,) = audit(node, "cached_copy_damaged")
-    assert damaged["sop_instance_uid"] == made[1].sop_uid
-    (get,) = audit(node, "get")
-    assert (get["completed"], get["from_bucket"]) == (3, 1)
