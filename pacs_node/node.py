@@ -23,7 +23,7 @@ from pacs_node.preflight import check_listen_addresses
 from pacs_node.replication.audit_copy import AuditCopier
 from pacs_node.replication.snapshot import Snapshotter
 from pacs_node.replication.worker import Replicator
-from pacs_node.storage.eviction import Evictor
+from pacs_node.retrieve.eviction import Evictor
 from pacs_node.storage.target import ReplicationTarget, TargetError
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,8 @@ class Node:
         self.dicom = DicomServer(
             config, self.ingest, self.audit, self.index, self.cache, self.target
         )
-        # The cache's size limit (storage/eviction.py): counts the cached bytes through
-        # `cache.budget`, evicts replicated instances; retrieval reads them back (dimse/qr.py).
+        # The cache's size limit (retrieve/eviction.py): counts the cached bytes through
+        # `cache.budget`, evicts replicated instances; retrieval reads them back (retrieve/).
         self.evictor = Evictor(
             self.cache,
             self.index,

@@ -335,7 +335,7 @@ def test_restore_after_losing_the_node_serves_c_find_and_c_move_as_before(
     assert find_all_levels(restored) == before  # C-FIND answers at once, identical
 
     # Every instance comes back by C-MOVE with the SHA-256 it was received with: the cache is
-    # empty, so this reads every instance through from the bucket (storage/readthrough.py).
+    # empty, so this reads every instance through from the bucket (retrieve/readback.py).
     for study_uid in sorted({m.study_uid for m in made}):
         responses = py_move(
             restored,

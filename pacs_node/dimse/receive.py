@@ -376,7 +376,8 @@ class StoreReceiver(DULServiceProvider):
         if self._qr_session is None:
             assert self._query_retrieve is not None
             requestor = self.assoc.requestor
-            self._qr_session = self._query_retrieve.session(
+            self._qr_session = QRSession(
+                self._query_retrieve,
                 Channel(
                     send=self._send_buffers,
                     disconnect=self._disconnect,
@@ -384,7 +385,7 @@ class StoreReceiver(DULServiceProvider):
                     calling_ae=requestor.ae_title.strip(),
                     peer=self._peer(),
                     contexts=self.assoc._accepted_cx,
-                )
+                ),
             )
         return self._qr_session
 

@@ -1,9 +1,11 @@
-"""Outgoing C-STORE: the store sub-operations of C-MOVE and C-GET, streamed from the cache.
+"""Outgoing C-STORE: the store sub-operations of C-MOVE and C-GET, streamed from a verified copy.
 
-An instance is sent as the bytes stored (never decoded), read from its file in chunks and framed
-into P-DATA-TF PDUs no longer than the destination accepts, so memory stays bounded whatever its
-size. When the destination accepts only the other uncompressed little-endian syntax the dataset
-is re-encoded on the way (element headers only, values copied; see pacs_node.storage.reencode).
+An instance is sent as the bytes stored (never decoded), read back verified by retrieve/ (the
+cached file, or the bucket's copy, hashed against the index), read from that open file in
+chunks and framed into P-DATA-TF PDUs no longer than the destination accepts, so memory stays
+bounded whatever its size. When the destination accepts only the other uncompressed
+little-endian syntax the dataset is re-encoded on the way (element headers only, values
+copied; see pacs_node.storage.reencode).
 
 `StoreAssociation` is the sub-association a C-MOVE opens to its destination. It speaks the upper
 layer protocol directly on a socket: pynetdicom's requestor path polls its queues with sleeps and
@@ -44,7 +46,7 @@ from pacs_node.dimse.messages import (
 )
 from pacs_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from pacs_node.index import RetrieveItem
-from pacs_node.storage.cache import Cache
+from pacs_node.retrieve.readback import VerifiedCopy
 from pacs_node.storage.reencode import ReencodeError, can_reencode
 
 log = logging.getLogger(__name__)
@@ -58,11 +60,6 @@ _ABORT = b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00"  # source 0: service-user
 
 class SubOperationFailed(Exception):
     """One instance could not be sent; the others go on. The message says why."""
-
-
-class NotCached(SubOperationFailed):
-    """The instance has no file in the cache (evicted, or removed since it was looked up):
-    it can be read through from the bucket and sent again."""
 
 
 class AssociationFailed(ConnectionError):
@@ -111,30 +108,22 @@ def send_instance(
     *,
     context_id: int,
     target_ts: str,
-    item: RetrieveItem,
-    cache: Cache,
+    copy: VerifiedCopy[RetrieveItem],
     message_id: int,
     move_originator: tuple[str, int] | None = None,
 ) -> None:
-    """Write one C-STORE-RQ and its dataset. A file that cannot be read raises
-    SubOperationFailed before anything is sent; once the request is out, any failure breaks the
-    association (a half-sent dataset cannot be taken back), which the caller sees as OSError.
-    NotCached: there is no cached file to send (evicted)."""
-    if item.cache_path is None:
-        raise NotCached("not in the local cache")
-    chunks = cache.dataset_chunks(
-        item.cache_path, item.dataset_offset, item.transfer_syntax_uid, target_ts
-    )
+    """Write one C-STORE-RQ and the dataset of `copy` (read back verified, open). A dataset
+    that cannot be read or re-encoded raises SubOperationFailed before anything is sent; once
+    the request is out, any failure breaks the association (a half-sent dataset cannot be
+    taken back), which the caller sees as OSError."""
+    item = copy.item
+    chunks = copy.dataset_chunks(item.transfer_syntax_uid, target_ts)
     try:
-        # Opens the file: a missing or unreadable one fails cleanly here. Once open, it is
-        # read to the end even if it is evicted meanwhile (an open file survives unlink).
         first = next(chunks)
-    except FileNotFoundError as e:
-        raise NotCached(f"its cached file is gone: {e}") from e
     except (OSError, ReencodeError) as e:
-        raise SubOperationFailed(f"cannot read it from the cache: {e}") from e
+        raise SubOperationFailed(f"cannot read it: {e}") from e
     except StopIteration:
-        raise SubOperationFailed("its cached file is empty") from None
+        raise SubOperationFailed("its file is empty") from None
     writer.command(
         context_id,
         c_store_rq(
@@ -275,19 +264,19 @@ class StoreAssociation:
 
     def store(
         self,
-        item: RetrieveItem,
-        cache: Cache,
+        copy: VerifiedCopy[RetrieveItem],
         *,
         move_originator: tuple[str, int] | None,
         cancelled: Callable[[], bool] = lambda: False,
     ) -> int:
-        """Send one instance and return the destination's C-STORE status.
+        """Send one instance (read back verified) and return the destination's C-STORE status.
 
         Raises SubOperationFailed when this instance cannot be sent (the association stays
         usable) and AssociationFailed when the association broke (the rest cannot be sent).
         """
         if self._writer is None:
             raise AssociationFailed("the association is not open")
+        item = copy.item
         chosen = choose_context(self.contexts, item)
         if chosen is None:
             raise SubOperationFailed(
@@ -302,8 +291,7 @@ class StoreAssociation:
                 self._writer,
                 context_id=context_id,
                 target_ts=target_ts,
-                item=item,
-                cache=cache,
+                copy=copy,
                 message_id=message_id,
                 move_originator=move_originator,
             )

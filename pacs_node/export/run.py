@@ -2,7 +2,8 @@
 
 ```
 select (index, C-FIND keys) -> for each instance not yet in the journal:
-    read the cached file (or, once evicted, the clinical bucket's copy) in parts
+    read it back verified (retrieve/readback.py: the cached file, or once evicted the
+        clinical bucket's copy, whose dataset SHA-256 and size must equal the index's) in parts
     burned-in annotation? -> skipped (journaled, reported)
     de-identify (profile + project key) -> write the copy (pixel data copied unchanged)
     mapping (encrypted, on the node) -> put to the export target under a deterministic key
@@ -40,9 +41,9 @@ from pacs_node.export.writer import Source, UnreadableInstance, open_source, wri
 from pacs_node.index import IndexFailure, RetrieveItem
 from pacs_node.parts import build_audit, build_cache, build_index, build_replication_target
 from pacs_node.progress import NullProgress, Progress
+from pacs_node.retrieve.readback import MISMATCH, Readback, ReadbackFailed
 from pacs_node.storage.export_target import ExportTarget, ExportTargetError
-from pacs_node.storage.layout import object_key
-from pacs_node.storage.target import TargetError
+from pacs_node.storage.target import ReplicationTarget, TargetError
 
 log = logging.getLogger(__name__)
 
@@ -132,36 +133,17 @@ def check_not_clinical(config: Config, target: ExportTarget) -> None:
                 )
 
 
-class _Fetcher:
-    """Where to read an instance from: the cache, else (evicted) the clinical bucket."""
-
-    def __init__(self, config: Config, work: Path) -> None:
-        self.config = config
-        self.cache = build_cache(config)
-        self.work = work
-        self._target: Any = None
-
-    def path_for(self, item: RetrieveItem) -> tuple[Path, bool]:
-        """(path, is a temporary download). Raises LookupError when no copy is reachable."""
-        if item.cache_path is not None:
-            path = self.cache.path_of(item.cache_path)
-            if path.is_file():
-                return path, False
-        return self._download(item), True
-
-    def _download(self, item: RetrieveItem) -> Path:
-        r = self.config.replication
-        if not r.enabled:
-            raise LookupError("not in the cache, and no replication target to read it from")
-        try:
-            if self._target is None:
-                self._target = build_replication_target(self.config)
-            key = object_key(r.prefix, item.study_uid, item.series_uid, item.sop_uid, item.version)
-            dest = self.work / f"fetched-{item.sop_uid}.dcm"
-            self._target.download(key, dest)
-        except (TargetError, ValueError, OSError) as e:
-            raise LookupError(f"not in the cache, and the bucket copy is unreadable: {e}") from e
-        return dest
+def _reader(config: Config, audit: AuditLog) -> Readback:
+    """Reads instances back verified: the cached file, else (evicted) the clinical bucket's
+    copy, which is not installed in the cache (the node owns it; this is another process)."""
+    target: ReplicationTarget | None = None
+    try:
+        target = build_replication_target(config)
+    except TargetError as e:
+        log.warning("event=export_no_clinical_copy error=%s", e)
+    return Readback(
+        build_cache(config), None, target, config.replication.prefix, audit, install=False
+    )
 
 
 def _burned_in_skip(source: Source, profile: Profile) -> str | None:
@@ -238,14 +220,14 @@ def run_export(
             purpose=request.purpose,
         )
         deidentifier = Deidentifier(profile, keyring)
-        fetcher = _Fetcher(config, state.work)
+        reader = _reader(config, audit)
         progress.begin(f"export {export_id}", len(items))
         for item in items:
             if _src(item) in done:
                 report.already_done += 1
                 progress.advance()
                 continue
-            _export_one(item, deidentifier, fetcher, state, target, export_id, report, done)
+            _export_one(item, deidentifier, reader, state, target, export_id, report, done)
             progress.advance()
         progress.end()
         _publish(state, request, target, export_id, done, report, items)
@@ -304,7 +286,7 @@ def _select(config: Config, selection: Selection) -> list[RetrieveItem]:
 def _export_one(
     item: RetrieveItem,
     deidentifier: Deidentifier,
-    fetcher: _Fetcher,
+    reader: Readback,
     state: ExportState,
     target: ExportTarget,
     export_id: str,
@@ -313,14 +295,17 @@ def _export_one(
 ) -> None:
     src = _src(item)
     try:
-        path, temporary = fetcher.path_for(item)
-    except LookupError as e:
+        copy = reader.open(item)  # verified against the index before a byte is read
+    except ReadbackFailed as e:
+        if e.kind == MISMATCH:  # no copy with the received bytes: not exported, say why
+            report.failed.append((item.sop_uid, e.reason))
+        else:
+            report.unavailable.append(item.sop_uid)
         log.warning("event=export_instance_unavailable sop_uid=%s reason=%r", item.sop_uid, str(e))
-        report.unavailable.append(item.sop_uid)
         return
     scratch = state.work / f"{item.sop_uid}.{item.version}.dcm"
     try:
-        with open_source(path) as source:
+        with copy, open_source(copy.path) as source:
             reason = _burned_in_skip(source, deidentifier.profile)
             if reason is not None:
                 record = {"src": src, "status": "skipped", "reason": reason}
@@ -351,9 +336,6 @@ def _export_one(
         log.error("event=export_instance_failed sop_uid=%s error=%r", item.sop_uid, why)
         report.failed.append((item.sop_uid, why))
         return
-    finally:
-        if temporary:
-            path.unlink(missing_ok=True)
     # The mapping before the object: an exported object always has its mapping entry.
     entries = [("patient", outcome.patient.key, outcome.patient.pseudonym)]
     entries += [("uid", old, new) for old, new in outcome.uids.items()]

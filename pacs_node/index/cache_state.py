@@ -1,6 +1,6 @@
 """What the index knows of the bounded cache: which rows have their file cached, which are
 evictable (cached AND replicated, least recently used first), and the row changes of an
-eviction, a read-through and a retrieval (storage/eviction.py, storage/readthrough.py).
+eviction, a read-through and a retrieval (retrieve/eviction.py, retrieve/readback.py).
 """
 
 from __future__ import annotations

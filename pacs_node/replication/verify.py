@@ -9,7 +9,7 @@ arrived, before Success was sent). For each instance version checked:
   copy of the same instance, never another instance: that one raises their alert);
 - cache corrupted or missing, bucket copy good: the cached file is replaced by the bucket's
   bytes, downloaded to a scratch file and renamed into place only once they hash to the
-  indexed value (`Cache.replace_verified`);
+  indexed value (`retrieve.Readback.heal`, the read-back every reader uses);
 - cache corrupted and no good bucket copy: unrecoverable. Nothing is changed, the instance is
   named in the output and the audit, and the command exits non-zero.
 
@@ -36,7 +36,8 @@ from pacs_node.index.reconcile import (
     sample_instances,
 )
 from pacs_node.progress import NullProgress, Progress
-from pacs_node.storage.cache import Cache, FileDigest, NotVerified, digest_file
+from pacs_node.retrieve.readback import MISMATCH, Readback, ReadbackFailed
+from pacs_node.storage.cache import Cache, FileDigest, digest_file
 from pacs_node.storage.layout import object_key
 from pacs_node.storage.target import ReplicationTarget
 
@@ -160,6 +161,7 @@ class _Verifier:
         self._target = target
         self._prefix = prefix
         self._audit = audit
+        self._readback = Readback(cache, index, target, prefix, audit)
         self._requeue_ids: list[int] = []
         self.report = VerifyReport()
 
@@ -228,22 +230,18 @@ class _Verifier:
             self.report.bucket_missing += 1
             self._unrecoverable(copy, f"cache file {state} and the bucket copy is missing")
             return
-        with self._cache.scratch_file() as scratch:
-            self._target.download(key, scratch)
-            try:
-                self._cache.replace_verified(
-                    copy.cache_path,
-                    scratch,
-                    dataset_offset=copy.dataset_offset,
-                    expected_sha256=copy.sha256,
-                    expected_size=copy.file_size,
-                )
-            except NotVerified as e:
-                self.report.bucket_corrupt += 1
-                self._unrecoverable(
-                    copy, f"cache file {state} and the bucket copy is corrupted too ({e})"
-                )
-                return
+        try:
+            self._readback.heal(copy)
+        except ReadbackFailed as e:
+            if e.kind != MISMATCH:  # the bucket or the cache cannot be used: verify stops
+                if e.cause is not None:
+                    raise e.cause from e
+                raise
+            self.report.bucket_corrupt += 1
+            self._unrecoverable(
+                copy, f"cache file {state} and the bucket copy is corrupted too ({e})"
+            )
+            return
         self.report.bucket_ok += 1
         self.report.healed.append((copy.sop_uid, copy.version))
         log.warning(

@@ -24,7 +24,6 @@ from typing import NoReturn, Protocol
 
 from pacs_node.fsio import fsync_dir
 from pacs_node.storage.layout import InstanceLocation
-from pacs_node.storage.reencode import reencoded_chunks
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +52,6 @@ class AlreadyStored(CacheError):
     """A file already exists at the destination: the cache never overwrites."""
 
 
-class NotVerified(CacheError):
-    """Replacement bytes do not hash to the indexed value: the cached file was left alone."""
-
-
 @dataclass(frozen=True)
 class FileDigest:
     """One streaming pass over a cached (or downloaded) instance file."""
@@ -82,14 +77,21 @@ def digest_file(path: Path, dataset_offset: int) -> FileDigest:
 
 
 def dataset_sha256(path: Path, dataset_offset: int) -> tuple[int, str]:
-    """(file size, SHA-256 of the bytes from dataset_offset on): `digest_file` without the MD5,
-    for a read-through's check (a third less hashing per instance)."""
-    sha = hashlib.sha256()
+    """(file size, SHA-256 of the bytes from dataset_offset on): `digest_file` without the MD5
+    (a third less hashing per instance)."""
     with path.open("rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        f.seek(dataset_offset)
-        while chunk := f.read(_READ_CHUNK):
-            sha.update(chunk)
+        return open_dataset_sha256(f.fileno(), dataset_offset)
+
+
+def open_dataset_sha256(fd: int, dataset_offset: int) -> tuple[int, str]:
+    """`dataset_sha256` of an open file descriptor (read with pread: its offset is untouched),
+    so that the bytes checked are the very ones then read from it."""
+    sha = hashlib.sha256()
+    size = os.fstat(fd).st_size
+    offset = dataset_offset
+    while chunk := os.pread(fd, _READ_CHUNK, offset):
+        sha.update(chunk)
+        offset += len(chunk)
     return size, sha.hexdigest()
 
 
@@ -263,7 +265,7 @@ class StoredFile:
 
 
 class RoomMaker(Protocol):
-    """What keeps the cache under its limit (storage/eviction.py's Evictor)."""
+    """What keeps the cache under its limit (retrieve/eviction.py's Evictor)."""
 
     def make_room(self) -> bool:
         """Evict what may be evicted (waiting briefly for replication to verify more);
@@ -429,28 +431,6 @@ class Cache:
             for lock in reversed(taken):
                 lock.release()
 
-    def dataset_chunks(
-        self,
-        relative_path: str,
-        dataset_offset: int,
-        stored_syntax: str,
-        target_syntax: str,
-        chunk_size: int = 1 << 20,
-    ) -> Iterator[bytes]:
-        """The dataset of a cached instance in `target_syntax`, in chunks of bounded size: the
-        bytes as stored when the syntaxes are equal, else re-encoded (reencode.py). Raises
-        OSError or ReencodeError at the first `next()` when it cannot be read."""
-        path = self.root / relative_path
-        if target_syntax != stored_syntax:
-            yield from reencoded_chunks(
-                path, dataset_offset, stored_syntax, target_syntax, chunk_size
-            )
-            return
-        with open(path, "rb", buffering=0) as f:
-            f.seek(dataset_offset)
-            while chunk := f.read(chunk_size):
-                yield chunk
-
     def commit(self, incoming: IncomingFile, location: InstanceLocation) -> StoredFile:
         """Make the received file durable under its final name (never replacing a file)."""
         relative = location.relative_path()
@@ -509,11 +489,11 @@ class Cache:
             log.warning("event=evicted_file_not_removed path=%s error=%s", relative_path, e)
 
     def adopt(self, source: Path, relative_path: str) -> StoredFile:
-        """Install a verified file (read through from the bucket into `scratch_file()`) as the
-        cached file at `relative_path`, durably as `commit` does: fsync, then the name, then
-        its directories. A file already there is one no row points to (the caller holds the
-        path lock and has checked the index): an orphan of a crash, or a file gone bad while
-        its row was evicted, so it is replaced."""
+        """Install a file the caller verified against the index (the bucket's copy, downloaded
+        into `scratch_file()`) as the cached file at `relative_path`, durably as `commit` does:
+        fsync, then the name, then its directories. The one place a cached file is replaced
+        (the caller holds the path lock): an orphan of a crash, a file gone bad or missing
+        (a heal), or one an earlier read-through installed with the same bytes."""
         final = self.root / relative_path
         try:
             fd = os.open(source, os.O_RDONLY)
@@ -556,46 +536,6 @@ class Cache:
             yield path
         finally:
             path.unlink(missing_ok=True)
-
-    def replace_verified(
-        self,
-        relative_path: str,
-        source: Path,
-        *,
-        dataset_offset: int,
-        expected_sha256: str,
-        expected_size: int,
-    ) -> FileDigest:
-        """Put `source` (a scratch file) in place of a corrupted or missing cached file.
-
-        The one place the cache replaces a file, and only with bytes whose dataset SHA-256 and
-        size equal the indexed ones (checked here, on the very file that is renamed): a heal
-        can never turn a good instance into a different one. Raises NotVerified otherwise,
-        leaving the cached file as it was. Durable like `commit`: fsync, rename, fsync dir.
-        """
-        digest = digest_file(source, dataset_offset)
-        if digest.dataset_sha256 != expected_sha256 or digest.size != expected_size:
-            raise NotVerified(
-                f"{relative_path}: replacement has sha256 {digest.dataset_sha256} and "
-                f"{digest.size} bytes, the index says {expected_sha256} and {expected_size}"
-            )
-        final = self.root / relative_path
-        try:
-            fd = os.open(source, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.chmod(source, 0o640)
-            created = self._make_parents(final.parent)
-            os.replace(source, final)
-            fsync_dir(final.parent)
-            for directory in created:
-                fsync_dir(directory.parent)
-            fsync_dir(self.incoming)
-        except OSError as e:
-            _raise_for_os_error(e, f"replacing {relative_path}")
-        return digest
 
     def iter_files(self) -> Iterator[Path]:
         for path in self.root.rglob("*.dcm"):

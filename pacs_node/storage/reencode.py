@@ -42,15 +42,15 @@ def can_reencode(source_ts: str, target_ts: str) -> bool:
 
 
 def reencoded_chunks(
-    path: str | Path,
+    path: str | Path | int,
     dataset_offset: int,
     source_ts: str,
     target_ts: str,
     chunk_size: int = 1 << 20,
 ) -> Iterator[bytes]:
-    """The dataset of the file at `path` (starting at `dataset_offset`), re-encoded from
-    source_ts to target_ts, as chunks of at most about chunk_size bytes; memory stays bounded
-    by chunk_size whatever the size of the dataset.
+    """The dataset of the file at `path` (or an open file descriptor, left open) starting at
+    `dataset_offset`, re-encoded from source_ts to target_ts, as chunks of at most about
+    chunk_size bytes; memory stays bounded by chunk_size whatever the size of the dataset.
 
     The structure is checked when this is called: ReencodeError is raised here, before any
     chunk, for a malformed or truncated dataset (and during iteration only if the file changes
@@ -62,17 +62,28 @@ def reencoded_chunks(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     src_implicit = str(source_ts) == ImplicitVRLittleEndian
     lengths: dict[int, int] = {}
-    with open(path, "rb") as fp:
+    with _open(path) as fp:
         walker = _Walker(fp, dataset_offset, chunk_size, lengths)
         for _ in walker.dataset(src_implicit, not src_implicit, measure=True):
             pass
-    return _chunks(Path(path), dataset_offset, src_implicit, chunk_size, lengths)
+    return _chunks(path, dataset_offset, src_implicit, chunk_size, lengths)
+
+
+def _open(path: str | Path | int) -> BinaryIO:
+    """An open file descriptor is read without being closed (its owner closes it)."""
+    if isinstance(path, int):
+        return open(path, "rb", closefd=False)
+    return open(path, "rb")
 
 
 def _chunks(
-    path: Path, dataset_offset: int, src_implicit: bool, chunk_size: int, lengths: dict[int, int]
+    path: str | Path | int,
+    dataset_offset: int,
+    src_implicit: bool,
+    chunk_size: int,
+    lengths: dict[int, int],
 ) -> Iterator[bytes]:
-    with open(path, "rb") as fp:
+    with _open(path) as fp:
         walker = _Walker(fp, dataset_offset, chunk_size, lengths)
         pending = bytearray()
         for piece in walker.dataset(src_implicit, not src_implicit, measure=False):

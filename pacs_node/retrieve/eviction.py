@@ -7,7 +7,7 @@ filesystem; the smaller applies), instances are evicted least recently used firs
 steps in this order: its row gets `cache_path = NULL` in a committed transaction, then its file
 is removed. A crash between leaves an orphan file (harmless: a read-through replaces it), never
 a row pointing at a missing file. Retrieval brings evicted instances back through the bucket
-(storage/readthrough.py).
+(retrieve/readback.py).
 
 A background thread evicts whenever the cache grows past its limit. Ingest asks for room before
 accepting an instance (`CacheBudget.admit`, from `Cache.begin`): at the limit it evicts at once;
