@@ -11,8 +11,9 @@ import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-_LENIENT_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+# Always used with fullmatch: `$` would also match before a trailing newline ("1.2.3\n").
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+_LENIENT_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 MAX_UID_LENGTH = 64
 
 
@@ -33,14 +34,14 @@ def validate_uid(value: object, what: str) -> str:
         raise InvalidUID(f"{what} is empty")
     if len(uid) > MAX_UID_LENGTH:
         raise InvalidUID(f"{what} is {len(uid)} characters long (at most {MAX_UID_LENGTH})")
-    if not _LENIENT_UID_RE.match(uid):
+    if not _LENIENT_UID_RE.fullmatch(uid):
         raise InvalidUID(f"{what} contains characters other than digits and dots")
     return uid
 
 
 def is_strict_uid(uid: str) -> bool:
     """True when `uid` also has no leading zeros in its components (PS3.5 9.1)."""
-    return bool(_UID_RE.match(uid))
+    return bool(_UID_RE.fullmatch(uid))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,367 @@
+"""Hostile input, issue 13 point 3: deflate bombs and UIDs with a trailing newline.
+
+Everything goes over the real DICOM port of an in-process node (the raw upper-layer client of
+test_bad_input sends exactly the bytes under test). The node runs in this process, so its
+memory is this process's RSS: a sampling thread records the peak while a bomb is received.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import uuid
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+import pytest
+from pydicom.datadict import keyword_dict
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
+from pynetdicom import AE, _config
+from pynetdicom.dsutils import encode
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from tests.checks import instance_rows, leftover_temp_files
+from tests.conftest import NODE_AE, RunningNode, free_port
+from tests.test_bad_input import (
+    INVALID_UID,
+    SUCCESS,
+    TOO_LARGE,
+    UNREADABLE,
+    RawAssociation,
+    _pydicom_lenient,
+    assert_nothing_kept,
+    audit_events,
+    echo,
+    encode_explicit,
+    small_dataset,
+    store_files,
+)
+from tests.factory import base_dataset, write_instance
+
+pytestmark = pytest.mark.timeout(300)
+
+DEFLATED_CONTEXT = [(1, CTImageStorage, DeflatedExplicitVRLittleEndian)]
+IDENTIFIER_DOES_NOT_MATCH = 0xA900
+PENDING = (0xFF00, 0xFF01)
+MiB = 1024 * 1024
+
+# -- deflated datasets -----------------------------------------------------------------------------
+
+
+def deflated(ds: Dataset, zeros_value_bytes: int = 0) -> bytes:
+    """`ds` in Deflated Explicit VR Little Endian; with `zeros_value_bytes`, followed by pixel
+    data of that many zero bytes (compressed chunk by chunk: the test never holds it whole)."""
+    if "PixelData" in ds:
+        del ds.PixelData
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [compressor.compress(encode_explicit(ds))]
+    if zeros_value_bytes:
+        parts.append(
+            compressor.compress(struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, zeros_value_bytes))
+        )
+        zeros = bytes(MiB)
+        remaining = zeros_value_bytes
+        while remaining:
+            n = min(remaining, MiB)
+            parts.append(compressor.compress(zeros[:n]))
+            remaining -= n
+    parts.append(compressor.flush())
+    data = b"".join(parts)
+    return data + b"\x00" * (len(data) % 2)  # even length, as PS3.5 A.5 pads it
+
+
+class PeakRss:
+    """The peak RSS of this process (node included) while the block runs, sampled every ms."""
+
+    def __init__(self) -> None:
+        self._process = psutil.Process()
+        self.before = self.peak = self._process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+    @property
+    def growth_mib(self) -> float:
+        return (self.peak - self.before) / MiB
+
+
+def test_deflate_bomb_within_max_object_bytes_is_walked_in_bounded_memory(
+    node: RunningNode,
+) -> None:
+    """200 KB on the wire, 200 MiB inflated, under the default 4 GiB bound: a valid instance,
+    stored; the node never holds the inflated dataset."""
+    ds = small_dataset()
+    data = deflated(ds, zeros_value_bytes=200 * MiB)
+    assert len(data) < 400_000
+    assoc = RawAssociation(node.port, contexts=DEFLATED_CONTEXT)
+    with PeakRss() as rss:
+        status = assoc.c_store(CTImageStorage, ds.SOPInstanceUID, data)
+    assoc.release()
+    print(f"deflate bomb 200 MiB inflated, stored: RSS growth {rss.growth_mib:.1f} MiB")
+    assert status == SUCCESS
+    row = instance_rows(node.config.index.path)[(ds.SOPInstanceUID, 1)]
+    assert row["patient_id"] == ds.PatientID and row["study_uid"] == ds.StudyInstanceUID
+    assert rss.growth_mib < 48, f"RSS grew {rss.growth_mib:.0f} MiB while walking the bomb"
+
+
+def test_deflate_bomb_past_max_object_bytes_is_refused_out_of_resources(
+    start_node: Callable[..., RunningNode],
+) -> None:
+    """Inflating past dicom.max_object_bytes is the same limit as receiving past it: 0xA702,
+    nothing stored, memory flat, and the association (and node) go on."""
+    node = start_node(dicom={"max_object_bytes": 16 * MiB})
+    ds = small_dataset()
+    data = deflated(ds, zeros_value_bytes=200 * MiB)
+    assoc = RawAssociation(node.port, contexts=DEFLATED_CONTEXT)
+    with PeakRss() as rss:
+        status = assoc.c_store(CTImageStorage, ds.SOPInstanceUID, data)
+    print(f"deflate bomb 200 MiB inflated, bound 16 MiB: RSS growth {rss.growth_mib:.1f} MiB")
+    assert status == TOO_LARGE
+    assert rss.growth_mib < 48, f"RSS grew {rss.growth_mib:.0f} MiB while refusing the bomb"
+    assert_nothing_kept(node)
+    (record,) = audit_events(node, "instance_rejected")
+    assert record["kind"] == "too_large"
+    # The same association stores a sane deflated instance next.
+    good = small_dataset()
+    assert assoc.c_store(CTImageStorage, good.SOPInstanceUID, deflated(good), message_id=2) == 0
+    assoc.release()
+    assert list(instance_rows(node.config.index.path)) == [(good.SOPInstanceUID, 1)]
+    assert echo(node.port) == SUCCESS
+
+
+@pytest.mark.parametrize("how", ["truncated_stream", "garbage", "empty_stream"])
+def test_broken_deflate_stream_is_unreadable(node: RunningNode, how: str) -> None:
+    ds = small_dataset()
+    whole = deflated(ds, zeros_value_bytes=64 * 1024)
+    data = {
+        "truncated_stream": whole[: len(whole) // 2],
+        "garbage": b"\xff" * 64 + whole[64:],
+        "empty_stream": deflated(Dataset()),
+    }[how]
+    assoc = RawAssociation(node.port, contexts=DEFLATED_CONTEXT)
+    assert assoc.c_store(CTImageStorage, ds.SOPInstanceUID, data) == UNREADABLE
+    assoc.release()
+    assert_nothing_kept(node)
+
+
+# -- UIDs with a trailing newline ------------------------------------------------------------------
+
+
+@contextmanager
+def no_multiline_log_records(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Every log record the node writes stays one line (the key=value logs are line based)."""
+    caplog.set_level(logging.DEBUG, logger="pacs_node")
+    yield
+    broken = [r.getMessage() for r in caplog.records if "\n" in r.getMessage()]
+    assert broken == [], broken
+
+
+def short_uid() -> str:
+    """A UID short enough that a trailing newline is its only fault (not its length)."""
+    return "1.2.826.0.1.3680043.10.1464." + str(uuid.uuid4().int)[:12]
+
+
+def set_raw_uid(ds: Dataset, keyword: str, value: str) -> None:
+    """Put `value` in a UI element as is: pydicom's UID type strips whitespace (so a newline)
+    from what it is given, and the bytes under test must really go on the wire."""
+    tag = keyword_dict[keyword]
+    element = DataElement(tag, "UI", "1.2")
+    element._value = value
+    ds[tag] = element
+
+
+def paths_with_newline(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if "\n" in p.name]
+
+
+NEWLINE_CASES = ["command_and_dataset", "command_only", "study_uid", "series_uid"]
+
+
+@pytest.mark.parametrize("where", NEWLINE_CASES)
+def test_c_store_with_a_newline_ended_uid_is_refused(
+    node: RunningNode, caplog: pytest.LogCaptureFixture, where: str
+) -> None:
+    ds = small_dataset(sop_uid=short_uid(), study_uid=short_uid(), series_uid=short_uid())
+    command_uid = ds.SOPInstanceUID
+    if where in ("command_and_dataset", "command_only"):
+        command_uid += "\n"
+    if where == "command_and_dataset":
+        set_raw_uid(ds, "SOPInstanceUID", command_uid)
+    elif where == "study_uid":
+        set_raw_uid(ds, "StudyInstanceUID", ds.StudyInstanceUID + "\n")
+    elif where == "series_uid":
+        set_raw_uid(ds, "SeriesInstanceUID", ds.SeriesInstanceUID + "\n")
+    data = encode_explicit(ds)
+    assert b"\n" in data or where == "command_only"  # the newline really goes on the wire
+    with no_multiline_log_records(caplog):
+        assoc = RawAssociation(node.port)
+        status = assoc.c_store(CTImageStorage, command_uid, data)
+        assoc.release()
+    assert status == INVALID_UID
+    assert_nothing_kept(node)
+    assert paths_with_newline(node.data_dir) == []
+    (record,) = audit_events(node, "instance_rejected")
+    assert record["kind"] == "invalid_uid"
+
+
+def test_refused_uid_cannot_forge_a_log_line(
+    node: RunningNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A UID refused as malformed is still named in the refusal's log line: escaped, never
+    raw (a newline in it would start a forged record)."""
+    ds = small_dataset(sop_uid=short_uid())
+    forged = ds.SOPInstanceUID + "\nevent=instance_stored sop_uid=1.2.3"
+    set_raw_uid(ds, "SOPInstanceUID", forged)
+    with no_multiline_log_records(caplog):
+        assoc = RawAssociation(node.port)
+        status = assoc.c_store(CTImageStorage, forged, encode_explicit(ds))
+        assoc.release()
+    assert status == INVALID_UID
+    assert_nothing_kept(node)
+    assert not any(r.getMessage().startswith("event=instance_stored") for r in caplog.records)
+
+
+def _stored_study(node: RunningNode, folder: Path) -> Dataset:
+    ds = base_dataset(sop_uid=short_uid(), study_uid=short_uid(), series_uid=short_uid())
+    made = write_instance(folder / "one.dcm", ds, rows=16, columns=16)
+    assert store_files(node.port, [made.path]) == [SUCCESS]
+    return ds
+
+
+def _lenient_association(node: RunningNode, sop_class: str) -> object:
+    ae = AE(ae_title="PYSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+    assert assoc.is_established
+    return assoc
+
+
+@contextmanager
+def _uids_unchecked() -> Iterator[None]:
+    saved = _config.ENFORCE_UID_CONFORMANCE
+    _config.ENFORCE_UID_CONFORMANCE = False
+    try:
+        with _pydicom_lenient():
+            yield
+    finally:
+        _config.ENFORCE_UID_CONFORMANCE = saved
+
+
+FIND_CASES = {
+    # name: (model, level, key, value builder from the stored dataset)
+    "study_uid": ("STUDY", "STUDY", "StudyInstanceUID", lambda ds: ds.StudyInstanceUID + "\n"),
+    "series_uid_in_list": (
+        "STUDY",
+        "SERIES",
+        "SeriesInstanceUID",
+        lambda ds: ds.SeriesInstanceUID + "\\1.2.3\n",
+    ),
+    "sop_uid": ("PATIENT", "IMAGE", "SOPInstanceUID", lambda ds: ds.SOPInstanceUID + "\n"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FIND_CASES))
+def test_c_find_with_a_newline_ended_uid_is_refused(
+    node: RunningNode, tmp_path: Path, caplog: pytest.LogCaptureFixture, case: str
+) -> None:
+    model, level, key, value = FIND_CASES[case]
+    stored = _stored_study(node, tmp_path)
+    sop_class = {
+        "STUDY": StudyRootQueryRetrieveInformationModelFind,
+        "PATIENT": PatientRootQueryRetrieveInformationModelFind,
+    }[model]
+    query = Dataset()
+    query.QueryRetrieveLevel = level
+    query.PatientID = stored.PatientID if model == "PATIENT" else ""
+    query.StudyInstanceUID = stored.StudyInstanceUID if level != "STUDY" else ""
+    if level == "IMAGE":
+        query.SeriesInstanceUID = stored.SeriesInstanceUID
+    set_raw_uid(query, key, value(stored))
+    with _pydicom_lenient():
+        assert b"\n" in encode(query, False, True)  # the newline really goes on the wire
+    statuses = []
+    with no_multiline_log_records(caplog), _uids_unchecked():
+        assoc = _lenient_association(node, sop_class)
+        for status, _ in assoc.send_c_find(query, sop_class):  # type: ignore[attr-defined]
+            assert "Status" in status, "no answer from the node"
+            statuses.append(int(status.Status))
+        # The association stays usable: a clean query on it is answered.
+        query.QueryRetrieveLevel = "PATIENT" if model == "PATIENT" else "STUDY"
+        for attribute in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+            if attribute in query:
+                delattr(query, attribute)
+        query.PatientID = stored.PatientID
+        clean = [int(s.Status) for s, _ in assoc.send_c_find(query, sop_class)]  # type: ignore[attr-defined]
+        assoc.release()  # type: ignore[attr-defined]
+    assert statuses == [IDENTIFIER_DOES_NOT_MATCH]
+    assert clean[-1] == SUCCESS and len(clean) == 2
+    (record,) = [r for r in audit_events(node, "find") if r["status"] != SUCCESS]
+    assert record["status"] == IDENTIFIER_DOES_NOT_MATCH
+
+
+def test_c_move_with_a_newline_ended_uid_is_refused_before_any_sub_operation(
+    start_node: Callable[..., RunningNode], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A known destination whose port nothing listens on: any sub-association would fail.
+    node = start_node(
+        peers=[
+            {"ae_title": "PYSCU"},
+            {"ae_title": "DEST", "host": "127.0.0.1", "port": free_port()},
+        ]
+    )
+    stored = _stored_study(node, tmp_path)
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    set_raw_uid(query, "StudyInstanceUID", stored.StudyInstanceUID + "\n")
+    sop_class = StudyRootQueryRetrieveInformationModelMove
+    with no_multiline_log_records(caplog), _uids_unchecked():
+        assoc = _lenient_association(node, sop_class)
+        responses = list(assoc.send_c_move(query, "DEST", sop_class))  # type: ignore[attr-defined]
+        assoc.release()  # type: ignore[attr-defined]
+    assert [int(s.Status) for s, _ in responses] == [IDENTIFIER_DOES_NOT_MATCH]
+    assert audit_events(node, "move_started") == []
+    assert leftover_temp_files(node.config.storage.cache_dir) == []
+
+
+def test_uids_are_validated_by_full_match() -> None:
+    """The one validation every path, key and log field goes through."""
+    from pacs_node.storage.layout import InvalidUID, is_strict_uid, locate, validate_uid
+
+    for bad in ("1.2.3\n", "1.2.3\n\x00", "1.2\n.3", "\n1.2.3", "1.2.3\r", "1.2.3\t"):
+        with pytest.raises(InvalidUID):
+            validate_uid(bad, "UID")
+        with pytest.raises(InvalidUID):
+            locate(bad, "1.2", "1.3")
+        assert not is_strict_uid(bad)
+    assert validate_uid("1.2.3\x00", "UID") == "1.2.3"
+    assert validate_uid("1.2.3 ", "UID") == "1.2.3"
+    uid = generate_uid()
+    assert str(locate(uid, uid, uid).relative_path()).endswith(f"/{uid}.dcm")
