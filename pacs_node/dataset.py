@@ -63,7 +63,8 @@ class PrefixTooShort(DatasetUnreadable):
 
 
 class DatasetTooLarge(ValueError):
-    """A deflated dataset inflates past the bound given (dicom.max_object_bytes at ingest)."""
+    """A deflated dataset inflates past the bound given (dicom.max_object_bytes at ingest),
+    or holds more elements than its walk allows: a resource limit, not malformed data."""
 
 
 # The default bound on an inflated dataset: the default of dicom.max_object_bytes.
@@ -104,7 +105,9 @@ def read_attributes(
     with open(path, "rb", buffering=65536) as raw:
         if encoding.deflated:
             inflated = _Inflated(raw, dataset_offset, max_inflated_bytes)
-            wanted = _walk(cast(BinaryIO, inflated), encoding, 0, inflated.size)
+            wanted = _walk(
+                cast(BinaryIO, inflated), encoding, 0, inflated.size, inflated.element_done
+            )
             return _attributes(wanted)
         start = dataset_offset
         end = raw.seek(0, io.SEEK_END)
@@ -127,17 +130,28 @@ class _Inflated(io.RawIOBase):
     fragments) starts inflating again from the beginning, at most `_MAX_REWINDS` times. More
     than `limit` inflated bytes raise DatasetTooLarge, a broken or truncated deflate stream
     DatasetUnreadable; either is raised again by every later call (pydicom may swallow one).
+
+    Reads are counted too, as an inflated stream costs the sender nothing: pydicom parses an
+    undefined-length sequence into objects (~1 KB per item of a few bytes), so at most
+    `_MAX_READS_PER_ELEMENT` reads (about 20,000 items) go into one top-level element, and at
+    most `_MAX_READS` (a few seconds of pydicom's CPU) into the whole dataset; past either,
+    DatasetTooLarge. Without them 13 KB on the wire inflated into 230 MiB of objects, and 4 MB
+    of zeros into half a billion empty elements to walk.
     """
 
     _CHUNK = 256 * 1024  # inflated bytes produced per step
     _WINDOW = 1024 * 1024  # inflated bytes kept behind the read position
     _MAX_REWINDS = 8
     _MAX_READ = 16 * 1024**2  # pydicom reads small values whole (and the character set)
+    _MAX_READS_PER_ELEMENT = 100_000
+    _MAX_READS = 300_000
 
     def __init__(self, raw: BinaryIO, start: int, limit: int) -> None:
         super().__init__()
         self._raw, self._start, self._limit = raw, start, limit
         self._rewinds = 0
+        self._reads = 0  # since the last top-level element was walked
+        self._total_reads = 0
         self._failure: Exception | None = None
         self._restart()
 
@@ -181,6 +195,12 @@ class _Inflated(io.RawIOBase):
             size = self._MAX_READ + 1
         if size > self._MAX_READ:
             self._fail(DatasetUnreadable(f"a value of {size} bytes would be read whole"))
+        self._reads += 1
+        self._total_reads += 1
+        if self._reads > self._MAX_READS_PER_ELEMENT:
+            self._fail(DatasetTooLarge("a deflated dataset's element holds too many items"))
+        if self._total_reads > self._MAX_READS:
+            self._fail(DatasetTooLarge("the deflated dataset has too many elements"))
         while self._produced < self._position + size and not self._eof:
             self._inflate_step()
         begin = self._position - self._buffer_start
@@ -192,6 +212,10 @@ class _Inflated(io.RawIOBase):
         data = self.read(len(buffer))
         buffer[: len(data)] = data
         return len(data)
+
+    def element_done(self) -> None:
+        """The walk has dropped a top-level element (and whatever pydicom built for it)."""
+        self._reads = 0
 
     def size(self) -> int:
         """The inflated size: inflates (and drops) up to the end of the deflate stream."""
@@ -376,10 +400,15 @@ def read_attributes_from_prefix(
 
 
 def _walk(
-    fp: BinaryIO, encoding: _Encoding, start: int, end: int | Callable[[], int]
+    fp: BinaryIO,
+    encoding: _Encoding,
+    start: int,
+    end: int | Callable[[], int],
+    element_done: Callable[[], None] | None = None,
 ) -> dict[int, RawDataElement]:
     """pydicom's walk over every top-level element. `end`: where the data ends, or a function
-    saying it once the walk is done (an inflated stream's size is known only at its end)."""
+    saying it once the walk is done (an inflated stream's size is known only at its end);
+    `element_done`: called after each top-level element."""
     wanted: dict[int, RawDataElement] = {}
     position = start
     count = 0
@@ -398,6 +427,8 @@ def _walk(
                         wanted[element.tag] = element
                 else:  # an undefined-length sequence, parsed to its delimiter
                     position = fp.tell()
+                if element_done is not None:
+                    element_done()
     except (DatasetUnreadable, DatasetTooLarge):
         raise
     except Exception as e:  # pydicom raises many kinds on malformed input

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterator
@@ -37,6 +38,7 @@ from pynetdicom.sop_class import (
 
 from tests.checks import instance_rows, leftover_temp_files
 from tests.conftest import NODE_AE, RunningNode, free_port
+from tests.factory import base_dataset, write_instance
 from tests.test_bad_input import (
     INVALID_UID,
     SUCCESS,
@@ -51,7 +53,6 @@ from tests.test_bad_input import (
     small_dataset,
     store_files,
 )
-from tests.factory import base_dataset, write_instance
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -365,3 +366,63 @@ def test_uids_are_validated_by_full_match() -> None:
     assert validate_uid("1.2.3 ", "UID") == "1.2.3"
     uid = generate_uid()
     assert str(locate(uid, uid, uid).relative_path()).endswith(f"/{uid}.dcm")
+
+
+def test_deflated_sequence_of_many_tiny_items_is_refused_in_bounded_memory(
+    node: RunningNode,
+) -> None:
+    """13 KB on the wire, 200,000 items of an undefined-length sequence inflated: pydicom
+    would build ~1 KB of objects per item (~230 MiB). Refused at the node's limit (0xA702),
+    memory flat."""
+    ds = small_dataset()
+    del ds.PixelData
+    item = (
+        struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF)
+        + struct.pack("<HH2sH", 0x0008, 0x0100, b"SH", 2)
+        + b"AB"
+        + struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
+    )
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [
+        compressor.compress(encode_explicit(ds)),
+        compressor.compress(struct.pack("<HH2sHL", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF)),
+    ]
+    block = item * 10_000
+    parts += [compressor.compress(block) for _ in range(20)]
+    parts += [compressor.compress(struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)), compressor.flush()]
+    data = b"".join(parts)
+    data += b"\x00" * (len(data) % 2)
+    assert len(data) < 32_000
+    assoc = RawAssociation(node.port, contexts=DEFLATED_CONTEXT)
+    with PeakRss() as rss:
+        status = assoc.c_store(CTImageStorage, ds.SOPInstanceUID, data)
+    assoc.release()
+    print(f"deflated sequence of 200,000 items: RSS growth {rss.growth_mib:.1f} MiB")
+    assert status == TOO_LARGE
+    assert rss.growth_mib < 48, f"RSS grew {rss.growth_mib:.0f} MiB while walking the items"
+    assert_nothing_kept(node)
+
+
+def test_deflated_zeros_after_the_dataset_are_refused_quickly(
+    start_node: Callable[..., RunningNode],
+) -> None:
+    """4 KB on the wire, 256 MiB of zero bytes inflated after the dataset: 33 million empty
+    elements for pydicom to walk (minutes of CPU). Refused at the element limit in seconds."""
+    node = start_node(dicom={"network_timeout_s": 20})
+    ds = small_dataset()
+    del ds.PixelData
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [compressor.compress(encode_explicit(ds))]
+    zeros = bytes(MiB)
+    parts += [compressor.compress(zeros) for _ in range(256)]
+    data = b"".join([*parts, compressor.flush()])
+    data += b"\x00" * (len(data) % 2)
+    assoc = RawAssociation(node.port, contexts=DEFLATED_CONTEXT, timeout=60)
+    started = time.monotonic()
+    status = assoc.c_store(CTImageStorage, ds.SOPInstanceUID, data)
+    elapsed = time.monotonic() - started
+    assoc.release()
+    print(f"deflated zeros, 256 MiB: answered 0x{status:04X} in {elapsed:.1f} s")
+    assert status == TOO_LARGE
+    assert elapsed < 30
+    assert_nothing_kept(node)

@@ -89,7 +89,7 @@ def _check_uid_keys(ds: Dataset) -> None:
         if not isinstance(value, bytes):
             continue
         vr = element.VR
-        if vr is None:  # implicit VR
+        if vr in (None, "UN"):  # implicit VR, or unknown: pydicom reads it as the dictionary's
             try:
                 vr = dictionary_VR(tag)
             except KeyError:
