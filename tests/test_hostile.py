@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,8 +32,10 @@ from pynetdicom import AE, _config
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
+    StorageCommitmentPushModel,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
+    Verification,
 )
 
 from tests.checks import instance_rows, leftover_temp_files
@@ -64,26 +66,24 @@ MiB = 1024 * 1024
 # -- deflated datasets -----------------------------------------------------------------------------
 
 
-def deflated(ds: Dataset, zeros_value_bytes: int = 0) -> bytes:
-    """`ds` in Deflated Explicit VR Little Endian; with `zeros_value_bytes`, followed by pixel
-    data of that many zero bytes (compressed chunk by chunk: the test never holds it whole)."""
+def deflated(ds: Dataset, tail: Iterable[bytes] = ()) -> bytes:
+    """`ds` (its pixel data left out) then the `tail` chunks, in Deflated Explicit VR Little
+    Endian, compressed chunk by chunk: the test never holds the inflated bytes whole."""
     if "PixelData" in ds:
         del ds.PixelData
     compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
     parts = [compressor.compress(encode_explicit(ds))]
-    if zeros_value_bytes:
-        parts.append(
-            compressor.compress(struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, zeros_value_bytes))
-        )
-        zeros = bytes(MiB)
-        remaining = zeros_value_bytes
-        while remaining:
-            n = min(remaining, MiB)
-            parts.append(compressor.compress(zeros[:n]))
-            remaining -= n
-    parts.append(compressor.flush())
-    data = b"".join(parts)
+    parts += [compressor.compress(chunk) for chunk in tail]
+    data = b"".join([*parts, compressor.flush()])
     return data + b"\x00" * (len(data) % 2)  # even length, as PS3.5 A.5 pads it
+
+
+def zero_pixel_data(length: int) -> Iterator[bytes]:
+    """Pixel data (OW) of `length` zero bytes, as a header and 1-MiB chunks."""
+    yield struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, length)
+    zeros = bytes(MiB)
+    for start in range(0, length, MiB):
+        yield zeros[: min(MiB, length - start)]
 
 
 class PeakRss:
@@ -119,7 +119,7 @@ def test_deflate_bomb_within_max_object_bytes_is_walked_in_bounded_memory(
     """200 KB on the wire, 200 MiB inflated, under the default 4 GiB bound: a valid instance,
     stored; the node never holds the inflated dataset."""
     ds = small_dataset()
-    data = deflated(ds, zeros_value_bytes=200 * MiB)
+    data = deflated(ds, zero_pixel_data(200 * MiB))
     assert len(data) < 400_000
     assoc = RawAssociation(node.port, contexts=DEFLATED_CONTEXT)
     with PeakRss() as rss:
@@ -139,7 +139,7 @@ def test_deflate_bomb_past_max_object_bytes_is_refused_out_of_resources(
     nothing stored, memory flat, and the association (and node) go on."""
     node = start_node(dicom={"max_object_bytes": 16 * MiB})
     ds = small_dataset()
-    data = deflated(ds, zeros_value_bytes=200 * MiB)
+    data = deflated(ds, zero_pixel_data(200 * MiB))
     assoc = RawAssociation(node.port, contexts=DEFLATED_CONTEXT)
     with PeakRss() as rss:
         status = assoc.c_store(CTImageStorage, ds.SOPInstanceUID, data)
@@ -160,7 +160,7 @@ def test_deflate_bomb_past_max_object_bytes_is_refused_out_of_resources(
 @pytest.mark.parametrize("how", ["truncated_stream", "garbage", "empty_stream"])
 def test_broken_deflate_stream_is_unreadable(node: RunningNode, how: str) -> None:
     ds = small_dataset()
-    whole = deflated(ds, zeros_value_bytes=64 * 1024)
+    whole = deflated(ds, zero_pixel_data(64 * 1024))
     data = {
         "truncated_stream": whole[: len(whole) // 2],
         "garbage": b"\xff" * 64 + whole[64:],
@@ -375,23 +375,15 @@ def test_deflated_sequence_of_many_tiny_items_is_refused_in_bounded_memory(
     would build ~1 KB of objects per item (~230 MiB). Refused at the node's limit (0xA702),
     memory flat."""
     ds = small_dataset()
-    del ds.PixelData
     item = (
         struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF)
         + struct.pack("<HH2sH", 0x0008, 0x0100, b"SH", 2)
         + b"AB"
         + struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
     )
-    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    parts = [
-        compressor.compress(encode_explicit(ds)),
-        compressor.compress(struct.pack("<HH2sHL", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF)),
-    ]
-    block = item * 10_000
-    parts += [compressor.compress(block) for _ in range(20)]
-    parts += [compressor.compress(struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)), compressor.flush()]
-    data = b"".join(parts)
-    data += b"\x00" * (len(data) % 2)
+    sequence = struct.pack("<HH2sHL", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF)
+    end = struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    data = deflated(ds, [sequence, *[item * 10_000] * 20, end])
     assert len(data) < 32_000
     assoc = RawAssociation(node.port, contexts=DEFLATED_CONTEXT)
     with PeakRss() as rss:
@@ -410,13 +402,7 @@ def test_deflated_zeros_after_the_dataset_are_refused_quickly(
     elements for pydicom to walk (minutes of CPU). Refused at the element limit in seconds."""
     node = start_node(dicom={"network_timeout_s": 20})
     ds = small_dataset()
-    del ds.PixelData
-    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    parts = [compressor.compress(encode_explicit(ds))]
-    zeros = bytes(MiB)
-    parts += [compressor.compress(zeros) for _ in range(256)]
-    data = b"".join([*parts, compressor.flush()])
-    data += b"\x00" * (len(data) % 2)
+    data = deflated(ds, [bytes(MiB)] * 256)
     assoc = RawAssociation(node.port, contexts=DEFLATED_CONTEXT, timeout=60)
     started = time.monotonic()
     status = assoc.c_store(CTImageStorage, ds.SOPInstanceUID, data)
@@ -426,3 +412,27 @@ def test_deflated_zeros_after_the_dataset_are_refused_quickly(
     assert status == TOO_LARGE
     assert elapsed < 30
     assert_nothing_kept(node)
+
+
+def test_storage_commitment_is_not_offered_deflate(node: RunningNode) -> None:
+    """pynetdicom decodes an N-ACTION's Action Information whole, a deflated one with one
+    zlib.decompress (1 MiB could inflate to 1 GiB): the node accepts the Storage Commitment
+    context in the two uncompressed little-endian syntaxes only."""
+    ae = AE(ae_title="PYSCU")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(StorageCommitmentPushModel, DeflatedExplicitVRLittleEndian)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+    assert assoc.is_established
+    accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+    assoc.release()
+    assert accepted == {Verification}
+    # The uncompressed syntaxes are still accepted.
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(StorageCommitmentPushModel, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+    assert assoc.is_established
+    assert [str(cx.abstract_syntax) for cx in assoc.accepted_contexts] == [
+        StorageCommitmentPushModel
+    ]
+    assoc.release()
