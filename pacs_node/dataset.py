@@ -14,7 +14,7 @@ import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO, cast
+from typing import BinaryIO, NoReturn, cast
 
 from pydicom import config as pydicom_config
 from pydicom.charset import convert_encodings, decode_bytes
@@ -127,9 +127,10 @@ class _Inflated(io.RawIOBase):
 
     Seeking forward inflates and drops; seeking back within the window is free; further back
     (pydicom rewinds to the start of an undefined-length value it failed to parse as
-    fragments) starts inflating again from the beginning, at most `_MAX_REWINDS` times. More
-    than `limit` inflated bytes raise DatasetTooLarge, a broken or truncated deflate stream
-    DatasetUnreadable; either is raised again by every later call (pydicom may swallow one).
+    fragments) starts inflating again from the beginning, at most `_MAX_REWINDS` times (then
+    DatasetTooLarge). More than `limit` inflated bytes raise DatasetTooLarge, a broken or
+    truncated deflate stream DatasetUnreadable; either is raised again by every later call
+    (pydicom may swallow one).
 
     Reads are counted too, as an inflated stream costs the sender nothing: pydicom parses an
     undefined-length sequence into objects (~1 KB per item of a few bytes), so at most
@@ -185,7 +186,7 @@ class _Inflated(io.RawIOBase):
         if offset < self._buffer_start:
             self._rewinds += 1
             if self._rewinds > self._MAX_REWINDS:
-                self._fail(DatasetUnreadable("the deflated dataset needs too many rewinds"))
+                self._fail(DatasetTooLarge("the deflated dataset needs too many rewinds"))
             self._restart()
         self._position = offset  # past what is inflated: the next read inflates up to it
         return offset
@@ -223,7 +224,7 @@ class _Inflated(io.RawIOBase):
             self._inflate_step()
         return self._produced
 
-    def _fail(self, failure: Exception) -> None:
+    def _fail(self, failure: Exception) -> NoReturn:
         self._failure = failure
         raise failure
 

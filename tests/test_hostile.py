@@ -19,6 +19,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydicom.datadict import keyword_dict
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -38,6 +40,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from pacs_node.dataset import DatasetUnreadable, read_attributes
 from tests.checks import instance_rows, leftover_temp_files
 from tests.conftest import NODE_AE, RunningNode, free_port
 from tests.factory import base_dataset, write_instance
@@ -436,3 +439,78 @@ def test_storage_commitment_is_not_offered_deflate(node: RunningNode) -> None:
         StorageCommitmentPushModel
     ]
     assoc.release()
+
+
+# -- the streaming inflate agrees with the plain walk ----------------------------------------------
+
+
+def _far_rewind_value() -> bytes:
+    """A private undefined-length OB value that starts like encapsulated fragments (one item
+    of 3 MiB) and then is not: pydicom parses the item, fails, rewinds past the inflated
+    window to the value's start and scans it for the delimiter instead."""
+    creator = struct.pack("<HH2sH", 0x0009, 0x0010, b"LO", 4) + b"TEST"
+    item = struct.pack("<HHL", 0xFFFE, 0xE000, 3 * MiB) + b"\x11" * (3 * MiB)
+    value = item + b"junkjunk" + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    return creator + struct.pack("<HH2sHL", 0x0009, 0x1001, b"OB", 0, 0xFFFFFFFF) + value
+
+
+def _plain_samples() -> list[bytes]:
+    with_sequence = small_dataset(charset="ISO_IR 100", patient_name="Müller^Anna")
+    del with_sequence.PixelData
+    item = Dataset()
+    item.ReferencedSOPInstanceUID = "1.2.3.4"
+    with_sequence.ReferencedImageSequence = [item]
+    with_sequence["ReferencedImageSequence"].is_undefined_length = True
+    head = small_dataset()
+    del head.PixelData
+    plain = small_dataset()
+    return [
+        encode_explicit(plain),
+        encode_explicit(with_sequence),
+        encode_explicit(head) + _far_rewind_value(),
+    ]
+
+
+def _verdict(path: Path, data: bytes, syntax: str) -> object:
+    path.write_bytes(data)
+    try:
+        return read_attributes(str(path), 0, syntax)
+    except DatasetUnreadable:
+        return "unreadable"
+
+
+@pytest.mark.timeout(600)
+def test_the_deflated_walk_agrees_with_the_plain_walk(tmp_path: Path) -> None:
+    """Clean and damaged datasets (an undefined-length sequence, a value that makes pydicom
+    rewind past the window): inflated as a stream, each gets the verdict and the attributes
+    it gets uncompressed."""
+    samples = _plain_samples()
+
+    @settings(max_examples=60, deadline=None, derandomize=True)
+    @given(
+        which=st.integers(0, len(samples) - 1),
+        flips=st.lists(st.tuples(st.integers(0, 2048), st.integers(0, 255)), max_size=3),
+        cut=st.none() | st.integers(0, 10**7),
+        extra=st.binary(max_size=12),
+    )
+    def agree(which: int, flips: list[tuple[int, int]], cut: int | None, extra: bytes) -> None:
+        body = bytearray(samples[which])
+        for position, value in flips:
+            body[position % len(body)] = value
+        if cut is not None:
+            del body[cut % len(body) :]
+        data = bytes(body) + extra
+        plain = _verdict(tmp_path / "plain.dcm", data, ExplicitVRLittleEndian)
+        compressor = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+        packed = compressor.compress(data) + compressor.flush()
+        inflated = _verdict(tmp_path / "deflated.dcm", packed, DeflatedExplicitVRLittleEndian)
+        assert inflated == plain
+
+    agree()
+    # The clean samples are read (the rewind one included), not refused.
+    for data in samples:
+        compressor = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+        packed = compressor.compress(data) + compressor.flush()
+        assert _verdict(tmp_path / "clean.dcm", packed, DeflatedExplicitVRLittleEndian) != (
+            "unreadable"
+        )
