@@ -2,8 +2,9 @@
 attributes the index needs, from one pass over the element headers.
 
 Large values (pixel data, big private blobs) are skipped by seeking, so a 1-GB instance is
-checked with bounded memory. Only deflated datasets are inflated in memory (they are rare, and
-the format leaves no other way to walk them).
+checked with bounded memory. A deflated dataset is inflated as a stream while it is walked
+(`_Inflated`), never whole, and at most `max_inflated_bytes` of it: a few hundred kilobytes
+that inflate to gigabytes (a deflate bomb) cost CPU up to that bound, not memory.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn, cast
 
 from pydicom import config as pydicom_config
 from pydicom.charset import convert_encodings, decode_bytes
@@ -60,6 +62,15 @@ class PrefixTooShort(DatasetUnreadable):
     """The bytes given end before every indexed attribute was seen: read more of the object."""
 
 
+class DatasetTooLarge(ValueError):
+    """A deflated dataset inflates past the bound given (dicom.max_object_bytes at ingest),
+    or holds more elements than its walk allows: a resource limit, not malformed data."""
+
+
+# The default bound on an inflated dataset: the default of dicom.max_object_bytes.
+DEFAULT_MAX_INFLATED_BYTES = 4 * 1024**3
+
+
 @dataclass(frozen=True)
 class _Encoding:
     implicit_vr: bool
@@ -78,32 +89,170 @@ def _encoding_of(transfer_syntax_uid: str) -> _Encoding:
     )
 
 
-def read_attributes(path: str, dataset_offset: int, transfer_syntax_uid: str) -> InstanceAttributes:
+def read_attributes(
+    path: str,
+    dataset_offset: int,
+    transfer_syntax_uid: str,
+    *,
+    max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
+) -> InstanceAttributes:
     """Walk every top-level element of the dataset at `dataset_offset` in the file at `path`.
 
-    Raises DatasetUnreadable when the dataset is truncated or its elements are malformed.
+    Raises DatasetUnreadable when the dataset is truncated or its elements are malformed,
+    DatasetTooLarge when a deflated dataset inflates past `max_inflated_bytes`.
     """
     encoding = _encoding_of(transfer_syntax_uid)
     with open(path, "rb", buffering=65536) as raw:
-        raw.seek(dataset_offset)
         if encoding.deflated:
-            try:
-                fp: BinaryIO = io.BytesIO(zlib.decompress(raw.read(), -zlib.MAX_WBITS))
-            except zlib.error as e:
-                raise DatasetUnreadable(f"deflated dataset does not inflate: {e}") from e
-            start, end = 0, len(fp.getbuffer())  # type: ignore[attr-defined]
-        else:
-            fp = raw
-            start = dataset_offset
-            end = raw.seek(0, io.SEEK_END)
+            inflated = _Inflated(raw, dataset_offset, max_inflated_bytes)
+            wanted = _walk(
+                cast(BinaryIO, inflated), encoding, 0, inflated.size, inflated.element_done
+            )
+            return _attributes(wanted)
+        start = dataset_offset
+        end = raw.seek(0, io.SEEK_END)
+        raw.seek(start)
+        if encoding.little_endian:
+            fast = _walk_common(raw, encoding.implicit_vr, start, end)
+            if fast is not None:
+                return _attributes(fast)
             raw.seek(start)
-            if encoding.little_endian:
-                fast = _walk_common(raw, encoding.implicit_vr, start, end)
-                if fast is not None:
-                    return _attributes(fast)
-                raw.seek(start)
-        wanted = _walk(fp, encoding, start, end)
+        wanted = _walk(raw, encoding, start, end)
     return _attributes(wanted)
+
+
+class _Inflated(io.RawIOBase):
+    """The inflated form of a deflated dataset as a read-only, seekable file, produced as it
+    is read: memory holds one output chunk and a window of recent bytes, never the whole.
+
+    Seeking forward inflates and drops; seeking back within the window is free; further back
+    (pydicom rewinds to the start of an undefined-length value it failed to parse as
+    fragments) starts inflating again from the beginning, at most `_MAX_REWINDS` times (then
+    DatasetTooLarge). More than `limit` inflated bytes raise DatasetTooLarge, a broken or
+    truncated deflate stream DatasetUnreadable; either is raised again by every later call
+    (pydicom may swallow one).
+
+    Reads are counted too, as an inflated stream costs the sender nothing: pydicom parses an
+    undefined-length sequence into objects (~1 KB per item of a few bytes), so at most
+    `_MAX_READS_PER_ELEMENT` reads (about 20,000 items) go into one top-level element, and at
+    most `_MAX_READS` (a few seconds of pydicom's CPU) into the whole dataset; past either,
+    DatasetTooLarge. Without them 13 KB on the wire inflated into 230 MiB of objects, and 4 MB
+    of zeros into half a billion empty elements to walk.
+    """
+
+    _CHUNK = 256 * 1024  # inflated bytes produced per step
+    _WINDOW = 1024 * 1024  # inflated bytes kept behind the read position
+    _MAX_REWINDS = 8
+    _MAX_READ = 16 * 1024**2  # pydicom reads small values whole (and the character set)
+    _MAX_READS_PER_ELEMENT = 100_000
+    _MAX_READS = 300_000
+
+    def __init__(self, raw: BinaryIO, start: int, limit: int) -> None:
+        super().__init__()
+        self._raw, self._start, self._limit = raw, start, limit
+        self._rewinds = 0
+        self._reads = 0  # since the last top-level element was walked
+        self._total_reads = 0
+        self._failure: Exception | None = None
+        self._restart()
+
+    def _restart(self) -> None:
+        self._raw.seek(self._start)
+        self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._buffer = bytearray()  # inflated bytes [_buffer_start, _produced)
+        self._buffer_start = 0
+        self._produced = 0
+        self._position = 0
+        self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_CUR:
+            offset += self._position
+        elif whence == io.SEEK_END:
+            offset += self.size()
+        elif whence != io.SEEK_SET:
+            raise ValueError(f"invalid whence {whence}")
+        if offset < 0:
+            raise OSError("seek before the start of the dataset")
+        if offset < self._buffer_start:
+            self._rewinds += 1
+            if self._rewinds > self._MAX_REWINDS:
+                self._fail(DatasetTooLarge("the deflated dataset needs too many rewinds"))
+            self._restart()
+        self._position = offset  # past what is inflated: the next read inflates up to it
+        return offset
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            size = self._MAX_READ + 1
+        if size > self._MAX_READ:
+            self._fail(DatasetUnreadable(f"a value of {size} bytes would be read whole"))
+        self._reads += 1
+        self._total_reads += 1
+        if self._reads > self._MAX_READS_PER_ELEMENT:
+            self._fail(DatasetTooLarge("a deflated dataset's element holds too many items"))
+        if self._total_reads > self._MAX_READS:
+            self._fail(DatasetTooLarge("the deflated dataset has too many elements"))
+        while self._produced < self._position + size and not self._eof:
+            self._inflate_step()
+        begin = self._position - self._buffer_start
+        data = bytes(self._buffer[begin : begin + size]) if begin >= 0 else b""
+        self._position += len(data)
+        return data
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def element_done(self) -> None:
+        """The walk has dropped a top-level element (and whatever pydicom built for it)."""
+        self._reads = 0
+
+    def size(self) -> int:
+        """The inflated size: inflates (and drops) up to the end of the deflate stream."""
+        while not self._eof:
+            self._inflate_step()
+        return self._produced
+
+    def _fail(self, failure: Exception) -> NoReturn:
+        self._failure = failure
+        raise failure
+
+    def _inflate_step(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+        data = self._inflater.unconsumed_tail or self._raw.read(65536)
+        try:
+            out = self._inflater.decompress(data, self._CHUNK)
+        except zlib.error as e:
+            self._fail(DatasetUnreadable(f"deflated dataset does not inflate: {e}"))
+        if self._inflater.eof:
+            self._eof = True  # bytes after the stream (an even-length pad) are ignored
+        elif not data and not out:
+            self._fail(DatasetUnreadable("the deflated dataset ends inside its deflate stream"))
+        self._produced += len(out)
+        if self._produced > self._limit:
+            self._fail(
+                DatasetTooLarge(
+                    f"deflated dataset inflates past dicom.max_object_bytes ({self._limit} bytes)"
+                )
+            )
+        self._buffer += out
+        # Keep the window behind the read position (or the newest bytes, when seeking past).
+        keep_from = min(self._position, self._produced) - self._WINDOW
+        if keep_from - self._buffer_start > self._WINDOW:
+            del self._buffer[: keep_from - self._buffer_start]
+            self._buffer_start = keep_from
 
 
 # Explicit VRs with a 4-byte length (PS3.5 7.1.2); any other known VR has a 2-byte one.
@@ -251,7 +400,16 @@ def read_attributes_from_prefix(
     return _attributes(wanted)
 
 
-def _walk(fp: BinaryIO, encoding: _Encoding, start: int, end: int) -> dict[int, RawDataElement]:
+def _walk(
+    fp: BinaryIO,
+    encoding: _Encoding,
+    start: int,
+    end: int | Callable[[], int],
+    element_done: Callable[[], None] | None = None,
+) -> dict[int, RawDataElement]:
+    """pydicom's walk over every top-level element. `end`: where the data ends, or a function
+    saying it once the walk is done (an inflated stream's size is known only at its end);
+    `element_done`: called after each top-level element."""
     wanted: dict[int, RawDataElement] = {}
     position = start
     count = 0
@@ -270,10 +428,14 @@ def _walk(fp: BinaryIO, encoding: _Encoding, start: int, end: int) -> dict[int, 
                         wanted[element.tag] = element
                 else:  # an undefined-length sequence, parsed to its delimiter
                     position = fp.tell()
-    except DatasetUnreadable:
+                if element_done is not None:
+                    element_done()
+    except (DatasetUnreadable, DatasetTooLarge):
         raise
     except Exception as e:  # pydicom raises many kinds on malformed input
         raise DatasetUnreadable(f"malformed dataset: {type(e).__name__}: {e}") from e
+    if callable(end):
+        end = end()  # also raises what the stream hit, should pydicom have swallowed it
     if count == 0:
         raise DatasetUnreadable("the dataset is empty")
     if position != end:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from pacs_node.audit import AuditLog
 from pacs_node.config import DuplicatesConfig
-from pacs_node.dataset import DatasetUnreadable, read_attributes
+from pacs_node.dataset import DatasetTooLarge, DatasetUnreadable, read_attributes
 from pacs_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from pacs_node.index import Index, IndexFailure, NewInstance
 from pacs_node.index.db import utcnow
@@ -212,7 +212,7 @@ class Ingest:
     def _log_failure(self, sop_uid: str, sender: Sender, failure: IngestFailure) -> None:
         log.warning(
             "event=store_failed sop_uid=%s calling_ae=%s peer=%s kind=%s reason=%s",
-            sop_uid,
+            _printable(sop_uid)[:80],  # refused ones are unvalidated: never a raw newline
             sender.ae_title,
             sender.address,
             failure.kind.value,
@@ -245,10 +245,15 @@ class Ingest:
         incoming = reception.incoming
         try:
             attributes = read_attributes(
-                str(incoming.path), incoming.dataset_offset, reception.transfer_syntax_uid
+                str(incoming.path),
+                incoming.dataset_offset,
+                reception.transfer_syntax_uid,
+                max_inflated_bytes=incoming.max_bytes,
             )
         except DatasetUnreadable as e:
             raise IngestFailure(FailureKind.UNREADABLE, str(e)) from e
+        except DatasetTooLarge as e:  # a deflate bomb: the same limit as a received object
+            raise IngestFailure(FailureKind.TOO_LARGE, str(e)) from e
         if attributes.sop_uid.rstrip("\x00 ") != reception.sop_uid:
             raise IngestFailure(
                 FailureKind.UID_MISMATCH,

@@ -9,13 +9,15 @@ names stored as Latin-1, UTF-8 or ISO 2022 (Japanese) round-trip through C-FIND.
 from __future__ import annotations
 
 import io
+import re
 import struct
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
 from pydicom.charset import convert_encodings, encode_string
-from pydicom.datadict import dictionary_VR, keyword_dict
+from pydicom.datadict import dictionary_VR, keyword_dict, keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
@@ -50,15 +52,53 @@ def _syntax(transfer_syntax: str) -> tuple[bool, bool, bool]:
     return uid.is_implicit_VR, uid.is_little_endian, uid.is_deflated
 
 
+# A deflated identifier is inflated at most this far (receive.py takes at most 1 MiB of it).
+_MAX_INFLATED_IDENTIFIER = 4 * 1024 * 1024
+# What a UID key may hold, padding removed: UIDs, a "\" list, and the wildcards query.py
+# answers for (universal match) or refuses. Checked on the raw bytes: pydicom strips
+# whitespace from UI values, so "1.2.3\n" would otherwise be read as "1.2.3".
+_UID_KEY = re.compile(rb"[0-9.*?\\]*")
+
+
 def decode_identifier(raw: bytes, transfer_syntax: str) -> Dataset:
     implicit, little, deflated = _syntax(transfer_syntax)
+    if deflated:  # inflated here, bounded (pynetdicom's decode would inflate it whole)
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            raw = inflater.decompress(raw, _MAX_INFLATED_IDENTIFIER + 1)
+        except zlib.error as e:
+            raise IdentifierError(f"the identifier does not inflate: {e}") from e
+        if len(raw) > _MAX_INFLATED_IDENTIFIER:
+            raise IdentifierError("the identifier inflates past 4 MiB")
     try:
-        ds = decode(io.BytesIO(raw), implicit, little, deflated)
+        ds = decode(io.BytesIO(raw), implicit, little, False)
+        _check_uid_keys(ds)
         for element in ds:  # convert now, so a malformed value fails here, not later
             _ = element.value
+    except IdentifierError:
+        raise
     except Exception as e:  # pydicom raises many kinds on malformed input
         raise IdentifierError(f"the identifier cannot be decoded: {type(e).__name__}: {e}") from e
     return ds
+
+
+def _check_uid_keys(ds: Dataset) -> None:
+    for tag in list(ds.keys()):
+        element = ds.get_item(tag)
+        value = element.value
+        if not isinstance(value, bytes):
+            continue
+        vr = element.VR
+        if vr in (None, "UN"):  # implicit VR, or unknown: pydicom reads it as the dictionary's
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:
+                continue
+        if vr == "UI" and not _UID_KEY.fullmatch(value.rstrip(b"\x00 ")):
+            raise IdentifierError(
+                f"{keyword_for_tag(tag) or tag}: a UID key holds characters other than digits and "
+                f"dots ({value!r})"
+            )
 
 
 def query_level(ds: Dataset) -> str:

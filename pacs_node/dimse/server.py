@@ -294,8 +294,11 @@ class DicomServer:
         ae.network_timeout = d.network_timeout_s
         ae.require_called_aet = True
         ae.add_supported_context(Verification)
-        # Storage commitment: we are SCP of the N-ACTION (the default roles).
-        ae.add_supported_context(StorageCommitmentPushModel)
+        # Storage commitment: we are SCP of the N-ACTION (the default roles). Not deflated:
+        # pynetdicom would inflate its Action Information whole (a deflate bomb).
+        ae.add_supported_context(
+            StorageCommitmentPushModel, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+        )
         # Query/retrieve: the requests are served by dimse/qr.py (through StoreReceiver),
         # never by pynetdicom's service classes. Identifiers in either little-endian syntax.
         for sop_class in QR_MODELS:

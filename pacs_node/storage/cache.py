@@ -180,6 +180,11 @@ class IncomingFile:
         return self._sha256.hexdigest()
 
     @property
+    def max_bytes(self) -> int:
+        """dicom.max_object_bytes: the bound on the dataset (and on what it inflates to)."""
+        return self._max_bytes
+
+    @property
     def file_size(self) -> int:
         return self.dataset_offset + self.dataset_size
 
