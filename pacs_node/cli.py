@@ -23,6 +23,7 @@ import click
 from pacs_node import __version__
 from pacs_node.audit import AuditLog, verify_chain
 from pacs_node.config import Config, ConfigError, load_config, with_overrides
+from pacs_node.datadir import DataDirBusy, DataDirLock, lock_data_dir, set_aside_files
 from pacs_node.export.command import export_command
 from pacs_node.index import Index, IndexFailure
 from pacs_node.node import REPLICATION_OFF_WARNING, Node, describe_target, target_settings
@@ -121,7 +122,7 @@ def serve(
     notifier = Notifier()  # systemd's sd_notify; does nothing outside a Type=notify unit
     try:
         node.start()
-    except (OSError, IndexFailure, ssl.SSLError) as e:
+    except (OSError, IndexFailure, ssl.SSLError, DataDirBusy) as e:
         log.error("event=start_failed error=%s", e)
         sys.exit(EXIT_FAILURE)
     log.info(
@@ -180,6 +181,9 @@ def _status(config: Config) -> dict[str, Any]:
         "cache_bytes": counts.cache_bytes if counts else 0,
         "last_received_at": _iso(counts.last_received_at) if counts else None,
         "versions_pending_review": counts.versions_pending_review if counts else 0,
+        "torn_tails_set_aside": [
+            str(p) for p in set_aside_files(config.data_dir, config.audit.path)
+        ],
         "replication": {
             "enabled": r.enabled,
             "target": describe_target(r),
@@ -231,6 +235,9 @@ def status(config: Config, as_json: bool) -> None:
         )
     else:
         click.echo("versions pending review: 0")
+    if r["torn_tails_set_aside"]:
+        names = ", ".join(Path(p).name for p in r["torn_tails_set_aside"])
+        click.echo(f"torn tails set aside: {len(r['torn_tails_set_aside'])} ({names})")
     rep = r["replication"]
     if not rep["enabled"]:
         click.echo(f"replication: OFF - {rep['message']}")
@@ -554,6 +561,7 @@ def restore(
                 )
                 sys.exit(EXIT_FAILURE)
             click.echo(f"--force: the index at {path} will be replaced", err=True)
+    held = None if dry_run else _writer_lock(config, "restore")  # noqa: F841  # held until exit
     options = RestoreOptions(
         use_snapshot=not no_snapshot,
         verify=verify,
@@ -798,6 +806,8 @@ def audit_verify(config: Config) -> None:
     """Re-hash the audit record's chain (rotated files included); exit 1 naming the first
     record that was changed, removed or reordered."""
     report = verify_chain(config.audit.path)
+    for gap in report.recovered:  # set aside after a power cut: shown, never hidden
+        click.echo(gap.describe())
     if report.ok:
         click.echo(
             f"audit chain OK: {report.records} records in {report.files} file(s) "
@@ -810,6 +820,37 @@ def audit_verify(config: Config) -> None:
         err=True,
     )
     sys.exit(EXIT_FAILURE)
+
+
+@audit_group.command("recover")
+@_common_options
+def audit_recover(config: Config) -> None:
+    """Set aside a damaged part of the current audit file (the node refuses to start on it):
+    the records before the first one that does not verify are kept, the rest is moved into
+    a file beside it (kept), and the chain continues with a record saying so. Stop the node
+    first."""
+    held = _writer_lock(config, "audit recover")  # noqa: F841  # held until exit
+    audit = AuditLog(config.audit.path)
+    try:
+        audit.open(set_aside_damage=True)
+        audit.close()
+    except OSError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_FAILURE)
+    if audit.recovery is None:
+        click.echo(f"audit record {config.audit.path} verifies to its end: nothing set aside")
+        return
+    r = audit.recovery
+    click.echo(f"set aside {r.length} bytes from line {r.bad_line} into {r.set_aside} ({r.reason})")
+
+
+def _writer_lock(config: Config, command: str) -> DataDirLock:
+    """The data directory's writer lock (datadir.py), or exit 1 naming its holder."""
+    try:
+        return lock_data_dir(config.data_dir, command)
+    except DataDirBusy as e:
+        click.echo(f"refused: {e}", err=True)
+        sys.exit(EXIT_FAILURE)
 
 
 main.add_command(export_command)

@@ -101,11 +101,13 @@ def test_a_torn_last_line_is_cut_and_the_cut_recorded(tmp_path: Path) -> None:
     records = read_audit(path)
     assert [r["event"] for r in records] == [
         "application_started",
-        "audit_torn_tail_removed",
+        "audit_tail_recovered",
         "application_started",
     ]
     assert records[1]["dicom_event"] == "Security Alert"
-    assert verify_chain(path).ok
+    report = verify_chain(path)
+    assert report.ok
+    assert [g.set_aside_bytes for g in report.recovered] == [len(b'{"seq":2,"ts":"2026-11-23T10:')]
 
 
 def test_audit_verify_command(start_node, tmp_path: Path) -> None:
