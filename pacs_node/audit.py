@@ -12,7 +12,7 @@ corresponds to (PS3.15 A.5.3, `dicom_event`), so it maps onto an audit repositor
 
 Several processes append (the node, and `verify`, `export`, `resync` beside it): each append
 holds an `flock` on `<audit file>.lock` and, when the file changed since this process last
-wrote (size or inode differ: one fstat-free `stat`), first re-reads the last record, so the
+wrote (its size or inode differ: one `stat` tells), first re-reads the last record, so the
 chain stays one. Rotation happens under the same lock.
 
 Torn tails: the file is not fsynced per record, so a power cut can bring it back with NULs, a
