@@ -235,7 +235,7 @@ class AuditLog:
 
     @property
     def lock_path(self) -> Path:
-        return self.path.with_name(self.path.name + ".lock")
+        return _lock_path(self.path)
 
     def open(self, *, set_aside_damage: bool = False) -> None:
         """Open for appending, recovering a torn tail first (see the module doc). Raises
@@ -571,11 +571,39 @@ class ChainReport:
         return self.broken_at is None
 
 
-def _lines(files: list[Path]) -> Iterator[tuple[Path, int, bytes]]:
+def _lines(files: list[Path], live: Path) -> Iterator[tuple[Path, int, bytes]]:
     for path in files:
         with path.open("rb") as f:
+            limit = _settled_size(live) if path == live else None
             for number, line in enumerate(f, start=1):
+                if limit is not None:
+                    if limit <= 0:
+                        return
+                    line = line[:limit]
+                    limit -= len(line)
                 yield path, number, line
+
+
+def _lock_path(path: Path) -> Path:
+    """The append lock beside the audit file (a sidecar: rotation renames the file itself)."""
+    return path.with_name(path.name + ".lock")
+
+
+def _settled_size(path: Path) -> int | None:
+    """The live file's size between two appends (read under the append lock, held for a
+    `stat` only), so a verify beside a running node never reads a record half-written; None
+    when the lock file cannot be opened (then the whole file is read)."""
+    try:
+        fd = os.open(_lock_path(path), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return os.stat(path).st_size
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _gap(path: Path, where: str, entry: dict[str, Any]) -> RecoveredGap:
@@ -610,7 +638,7 @@ def verify_chain(path: Path) -> ChainReport:
     def broken(where: str, reason: str) -> ChainReport:
         return ChainReport(count, len(files), where, reason, tuple(gaps))
 
-    for file, number, raw in _lines(files):
+    for file, number, raw in _lines(files, path):
         where = f"{file.name}:{number}"
         torn = file == path and (not raw.endswith(b"\n") or b"\0" in raw)
         if torn:
