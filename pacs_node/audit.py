@@ -198,6 +198,10 @@ class Recovery:
     bad_line: int
     damaged: bool  # set aside on the operator's word (`audit recover`), not a torn tail
 
+    @property
+    def event(self) -> str:
+        return "audit_damage_set_aside" if self.damaged else "audit_tail_recovered"
+
     def fields(self) -> dict[str, Any]:
         return {
             "set_aside_file": self.set_aside.name,
@@ -250,8 +254,7 @@ class AuditLog:
                 recovery = self._recover(set_aside_damage)
                 self._reopen()
                 if recovery is not None:
-                    event = "audit_damage_set_aside" if recovery.damaged else "audit_tail_recovered"
-                    self._append(event, recovery.fields())
+                    self._append(recovery.event, recovery.fields())
                     os.fsync(self._fd)  # type: ignore[arg-type]  # the recovery is on record
             except BaseException:
                 self._close_locked()
@@ -263,12 +266,13 @@ class AuditLog:
         if recovery is not None:
             self._log_recovery(recovery)
             if self._observer is not None:
-                self._observer("audit_tail_recovered", recovery.fields())
+                self._observer(recovery.event, recovery.fields())
 
     def _log_recovery(self, recovery: Recovery) -> None:
         log.warning(
-            "event=audit_tail_recovered file=%s set_aside_bytes=%d set_aside_file=%s "
+            "event=%s file=%s set_aside_bytes=%d set_aside_file=%s "
             "last_verified_seq=%s first_bad_line=%d reason=%r",
+            recovery.event,
             self.path,
             recovery.length,
             recovery.set_aside.name,
@@ -283,7 +287,10 @@ class AuditLog:
         last = _last_line(rotated[-1]) if rotated else None
         if last is None:
             return None
-        return _Link(int(json.loads(last)["seq"]), _line_hash(last))
+        # A rotated file changed since (not a power cut: it was fsynced) is `audit verify`'s
+        # finding; the live file then starts the chain where it starts, never a traceback.
+        checked = _check_record(last, None)
+        return checked if isinstance(checked, _Link) else None
 
     def _recover(self, set_aside_damage: bool) -> Recovery | None:
         """Set the chain's end from the file; set aside a tail that does not verify."""
@@ -305,8 +312,8 @@ class AuditLog:
         if scan.damaged_until is not None and not set_aside_damage:
             raise AuditDamaged(
                 f"the audit record {self.path.name}:{scan.bad_line} does not verify "
-                f"({scan.reason}), yet line {scan.damaged_until} after it is a valid record "
-                "further along the chain: not a torn tail from a power cut but a changed or "
+                f"({scan.reason}), yet a record further along the chain verifies (line "
+                f"{scan.damaged_until}): not a torn tail from a power cut but a changed or "
                 "removed record. Nothing was changed. See `pacs-node audit verify`; to keep the "
                 f"records before line {scan.bad_line} and set the rest aside into a file beside "
                 "it (kept, and recorded in the audit), stop the node and run "
@@ -355,7 +362,7 @@ class AuditLog:
         recovery = self._recover(set_aside_damage=False)
         self._reopen()
         if recovery is not None:
-            self._append("audit_tail_recovered", recovery.fields())
+            self._append(recovery.event, recovery.fields())
             self._log_recovery(recovery)
 
     def _append(self, event: str, fields: dict[str, Any]) -> None:
