@@ -162,3 +162,22 @@ def test_verify_beside_a_writer_never_reads_a_record_half_written(tmp_path: Path
     reader.join(10)
     assert reports and reports[0].ok, reports
     assert reports[0].records in (1, 2)
+
+
+def test_two_writers_keep_one_chain_across_rotations(tmp_path: Path) -> None:
+    """Two AuditLogs on one file (two open file descriptions: to flock, two processes), each
+    rotating at 2 KB, appending in turn: one chain, no record lost or duplicated."""
+    path = tmp_path / "audit.jsonl"
+    node, beside = AuditLog(path, max_bytes=2048), AuditLog(path, max_bytes=2048)
+    node.open()
+    beside.open()
+    for i in range(60):
+        (node if i % 3 else beside).record("find", calling_ae="VIEWER", matches=i)
+    node.rotate()
+    beside.record("verify_completed", checked=60)
+    node.close()
+    beside.close()
+    assert len(rotated_files(path)) >= 5
+    report = verify_chain(path)
+    assert report.ok, report
+    assert report.records == 61
