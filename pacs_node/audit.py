@@ -352,7 +352,7 @@ class AuditLog:
             return
         if st is None or st.st_ino != self._ino:
             self._reopen()  # rotated (or removed) by another process
-        clean, end = _clean_end(_tail_bytes(self.path))
+        clean, end = _end_of(self.path)
         if clean:
             self._follow_link(end or self._anchor())
             self._size = os.fstat(self._fd).st_size  # type: ignore[arg-type]
@@ -466,20 +466,24 @@ def _clean_end(data: bytes) -> tuple[bool, _Link | None]:
     return (True, checked) if isinstance(checked, _Link) else (False, None)
 
 
-def _tail_bytes(path: Path) -> bytes:
-    """The whole file when small, else its last 1 MiB cut to whole lines (enough to judge
-    the last record, and no re-read of a 64-MB file when another process appended)."""
+def _end_of(path: Path) -> tuple[bool, _Link | None]:
+    """`_clean_end` from the end of the file alone (its last line, read backwards): for the
+    catch-up after another process appended, which must not re-read the whole file."""
     try:
         with path.open("rb") as f:
             size = f.seek(0, os.SEEK_END)
-            start = max(0, size - (1 << 20))
+            if size == 0:
+                return True, None
+            f.seek(size - 1)
+            if f.read(1) != b"\n":
+                return False, None
+            start = _complete_length(f, size - 1)
             f.seek(start)
-            data = f.read()
+            line = f.read(size - 1 - start)
     except FileNotFoundError:
-        return b""
-    if start:
-        data = data[data.find(b"\n") + 1 :]
-    return data
+        return True, None
+    checked = _check_record(line, None)
+    return (True, checked) if isinstance(checked, _Link) else (False, None)
 
 
 def _complete_length(f: Any, end: int) -> int:
