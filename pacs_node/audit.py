@@ -1,18 +1,32 @@
 """The append-only audit record: who stored, queried, moved or deleted what, as JSON lines.
 
 Each record is one `write()` of one line to a file opened with O_APPEND, so records from
-concurrent associations never interleave and a crash leaves at most one partial last line.
-Records carry UIDs, AE titles and addresses, never patient names or IDs.
+concurrent associations never interleave. Records carry UIDs, AE titles and addresses, never
+patient names or IDs.
 
 Tamper evidence: every record carries `seq` (1, 2, ...), `prev` (the previous record's hash)
 and `hash` (the SHA-256 of its own line up to that field), so a changed byte names its record,
 and a removed or reordered record breaks the chain at that point; `verify_chain` names either.
 The chain continues across rotated files. Each record also names the DICOM audit message it
 corresponds to (PS3.15 A.5.3, `dicom_event`), so it maps onto an audit repository's vocabulary.
+
+Several processes append (the node, and `verify`, `export`, `resync` beside it): each append
+holds an `flock` on `<audit file>.lock` and, when the file changed since this process last
+wrote (its size or inode differ: one `stat` tells), first re-reads the last record, so the
+chain stays one. Rotation happens under the same lock.
+
+Torn tails: the file is not fsynced per record, so a power cut can bring it back with NULs, a
+cut line, garbage or a valid line after a hole. `open()` keeps every record up to the last one
+that verifies (parses, its own hash seals it, its prev and seq follow), moves the rest into
+`<file>.torn-<UTC timestamp>` beside it (kept, never deleted), and continues the chain with an
+`audit_tail_recovered` record naming what was set aside. A record that fails but is followed
+by records that do verify further along the chain is no power cut (a changed or removed
+record): `open()` refuses with `AuditDamaged`, naming `pacs-node audit recover`.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -20,13 +34,16 @@ import os
 import re
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pacs_node.datadir import TORN_MARK, set_aside_tail
+
 GENESIS = "0" * 64  # `prev` of the very first record
 _ROTATED_RE = re.compile(r"^(?P<stem>.+)\.(?P<seq>\d{12})\.jsonl$")
+RECOVERY_EVENTS = ("audit_tail_recovered", "audit_damage_set_aside", "audit_torn_tail_removed")
 
 # Our event -> the DICOM audit message it reports (PS3.15 A.5.3; DCM codes of EventID).
 DICOM_EVENTS: dict[str, tuple[str, str]] = {
@@ -45,6 +62,9 @@ DICOM_EVENTS: dict[str, tuple[str, str]] = {
     "instance_rejected": ("110113", "Security Alert"),
     "instance_unrecoverable": ("110113", "Security Alert"),
     "audit_torn_tail_removed": ("110113", "Security Alert"),
+    "audit_tail_recovered": ("110113", "Security Alert"),
+    "audit_damage_set_aside": ("110113", "Security Alert"),
+    "export_state_tail_recovered": ("110113", "Security Alert"),
     "tls_handshake_failed": ("110113", "Security Alert"),
     "export": ("110106", "Export"),
     "snapshot_uploaded": ("110106", "Export"),
@@ -73,8 +93,129 @@ def _line_hash(line: bytes) -> str:
 log = logging.getLogger(__name__)
 
 
+class AuditDamaged(OSError):
+    """A record in the middle of the audit file does not verify while later ones do.
+
+    An OSError so that every command, which already turns an audit file it cannot use into a
+    clear error and exit 1, reports this one the same way (never a traceback)."""
+
+
+@dataclass(frozen=True)
+class _Link:
+    """The end of the chain so far: the last record's seq and hash."""
+
+    seq: int
+    hash: str
+
+
+def _check_record(line: bytes, last: _Link | None) -> _Link | str:
+    """The record's link if `line` is a sealed record that follows `last`, else why not."""
+    if b"\0" in line:
+        return "NUL bytes (a hole a power cut left in the file)"
+    try:
+        entry = json.loads(line)
+        seq, prev = int(entry["seq"]), str(entry["prev"])
+    except (ValueError, KeyError, TypeError) as e:
+        return f"not an audit record ({type(e).__name__})"
+    claimed, actual = _own_hash(line)
+    if claimed != actual or entry.get("hash") != claimed:
+        return "its own hash does not seal it (changed or damaged)"
+    if last is None:
+        if seq == 1 and prev != GENESIS:
+            return "the first record does not start from the genesis hash"
+    elif seq != last.seq + 1:
+        return f"seq {seq}, expected {last.seq + 1}"
+    elif prev != last.hash:
+        return "prev does not match the previous record's hash"
+    return _Link(seq, claimed)
+
+
+def _sealed_seq(line: bytes) -> int | None:
+    """The seq of a line that is a record sealed by its own hash (chained or not), else None."""
+    if b"\0" in line:
+        return None
+    checked = _check_record(line, None)
+    return checked.seq if isinstance(checked, _Link) else None
+
+
+@dataclass(frozen=True)
+class TailScan:
+    """Where the verified part of an audit file ends, and what follows it."""
+
+    kept: int  # bytes of the verified part (whole lines)
+    last: _Link | None  # its last record (or the anchor it continues)
+    reason: str | None  # why the rest does not verify (None: nothing follows)
+    bad_line: int | None  # 1-based line number of the first line that does not verify
+    damaged_until: int | None  # line of a later record that verifies past the bad one
+
+
+def scan_tail(data: bytes, anchor: _Link | None) -> TailScan:
+    """Walk `data` (an audit file) from `anchor` (the last record before it, None when the
+    chain starts here) while records verify.
+
+    What follows is a torn tail unless the first line that fails is a complete line without
+    NUL bytes and a later (or that same) NUL-free line is a sealed record with a higher seq
+    than the last verified one: a power cut loses or zeroes bytes, it does not change a
+    record and write valid ones after it, so that is damage in the middle (`damaged_until`).
+    """
+    pos, number, last = 0, 0, anchor
+    reason: str | None = None
+    while pos < len(data):
+        newline = data.find(b"\n", pos)
+        number += 1
+        if newline < 0:
+            reason = "an incomplete last line (a crash mid-write)"
+            break
+        checked = _check_record(data[pos:newline], last)
+        if isinstance(checked, str):
+            reason = checked
+            break
+        last, pos = checked, newline + 1
+    if reason is None:
+        return TailScan(pos, last, None, None, None)
+    bad_end = data.find(b"\n", pos)
+    damaged_until = None
+    if bad_end >= 0 and b"\0" not in data[pos:bad_end]:
+        floor = last.seq if last is not None else 0
+        later = data[pos:].split(b"\n")[:-1]  # complete lines, the failing one first
+        for offset, line in enumerate(later):
+            seq = _sealed_seq(line)
+            if seq is not None and seq > floor:
+                damaged_until = number + offset
+                break
+    return TailScan(pos, last, reason, number, damaged_until)
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """A tail set aside at open."""
+
+    set_aside: Path
+    length: int
+    sha256: str
+    last: _Link | None
+    reason: str
+    bad_line: int
+    damaged: bool  # set aside on the operator's word (`audit recover`), not a torn tail
+
+    @property
+    def event(self) -> str:
+        return "audit_damage_set_aside" if self.damaged else "audit_tail_recovered"
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "set_aside_file": self.set_aside.name,
+            "set_aside_bytes": self.length,
+            "set_aside_sha256": self.sha256,
+            "last_verified_seq": self.last.seq if self.last else None,
+            "last_verified_hash": self.last.hash if self.last else None,
+            "first_bad_line": self.bad_line,
+            "reason": self.reason,
+        }
+
+
 class AuditLog:
-    """Open with `open()`; `record()` is safe from any thread."""
+    """Open with `open()`; `record()` is safe from any thread and any process."""
 
     def __init__(
         self,
@@ -88,72 +229,175 @@ class AuditLog:
         self._observer = observer  # sees every recorded event (the metrics)
         self.on_rotated: Callable[[Path], None] | None = None  # e.g. the bucket uploader
         self._fd: int | None = None
+        self._lock_fd: int | None = None
         self._lock = threading.Lock()
         self._seq = 0
         self._prev = GENESIS
-        self._size = 0
+        self._size = 0  # what this process knows the file's size to be
+        self._ino = 0
+        self.recovery: Recovery | None = None  # what open() set aside, if anything
 
-    def open(self) -> None:
+    @property
+    def lock_path(self) -> Path:
+        return _lock_path(self.path)
+
+    def open(self, *, set_aside_damage: bool = False) -> None:
+        """Open for appending, recovering a torn tail first (see the module doc). Raises
+        AuditDamaged for damage in the middle, unless `set_aside_damage` (the operator's
+        `audit recover`): then that too is set aside and recorded as such."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        torn = self._recover_tail()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        self._size = os.fstat(self._fd).st_size
-        if torn:
-            self.record(
-                "audit_torn_tail_removed",
-                length=len(torn),
-                sha256=hashlib.sha256(torn).hexdigest(),
-                reason="an incomplete last line (a crash mid-write) was cut off at start",
-            )
+        lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        with self._lock:
+            self._lock_fd = lock_fd
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            try:
+                recovery = self._recover(set_aside_damage)
+                self._reopen()
+                if recovery is not None:
+                    self._append(recovery.event, recovery.fields())
+                    os.fsync(self._fd)  # type: ignore[arg-type]  # the recovery is on record
+            except BaseException:
+                self._close_locked()
+                raise
+            finally:
+                if self._lock_fd is not None:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        self.recovery = recovery
+        if recovery is not None:
+            self._log_recovery(recovery)
+            if self._observer is not None:
+                self._observer(recovery.event, recovery.fields())
 
-    def _recover_tail(self) -> bytes:
-        """Find where the chain ends (last complete line, here or in the newest rotated file);
-        cut off a torn last line, returning its bytes so the cut itself is recorded."""
-        torn = b""
-        last = _last_line(self.path) if self.path.exists() else None
-        if self.path.exists():
-            with self.path.open("rb+") as f:
-                data_end = f.seek(0, os.SEEK_END)
-                if data_end:
-                    f.seek(max(0, data_end - 1))
-                    if f.read(1) != b"\n":
-                        complete = _complete_length(f, data_end)
-                        f.seek(complete)
-                        torn = f.read()
-                        f.truncate(complete)
-                        os.fsync(f.fileno())
-                        last = _last_line(self.path)
+    def _log_recovery(self, recovery: Recovery) -> None:
+        log.warning(
+            "event=%s file=%s set_aside_bytes=%d set_aside_file=%s "
+            "last_verified_seq=%s first_bad_line=%d reason=%r",
+            recovery.event,
+            self.path,
+            recovery.length,
+            recovery.set_aside.name,
+            recovery.last.seq if recovery.last else None,
+            recovery.bad_line,
+            recovery.reason,
+        )
+
+    def _anchor(self) -> _Link | None:
+        """The last record of the newest rotated file (fsynced before its rename)."""
+        rotated = rotated_files(self.path)
+        last = _last_line(rotated[-1]) if rotated else None
         if last is None:
-            rotated = rotated_files(self.path)
-            last = _last_line(rotated[-1]) if rotated else None
-        if last is not None:
-            self._seq = int(json.loads(last)["seq"])
-            self._prev = _line_hash(last)
-        return torn
+            return None
+        # A rotated file changed since (not a power cut: it was fsynced) is `audit verify`'s
+        # finding; the live file then starts the chain where it starts, never a traceback.
+        checked = _check_record(last, None)
+        return checked if isinstance(checked, _Link) else None
+
+    def _recover(self, set_aside_damage: bool) -> Recovery | None:
+        """Set the chain's end from the file; set aside a tail that does not verify."""
+        anchor = self._anchor()
+        data = self.path.read_bytes() if self.path.exists() else b""
+        # The fast path trusts a file whose end verifies: a power cut leaves NULs or a cut
+        # line, and whether a record in the middle was changed is `audit verify`'s question
+        # (re-hashing 64 MB at every open would stall the node's appends). `audit recover`
+        # (set_aside_damage) always scans.
+        clean, end = _clean_end(data)
+        if clean and not set_aside_damage:
+            self._follow_link(end or anchor)
+            return None
+        scan = scan_tail(data, anchor)
+        self._follow_link(scan.last)
+        if scan.reason is None:
+            return None
+        assert scan.bad_line is not None
+        if scan.damaged_until is not None and not set_aside_damage:
+            raise AuditDamaged(
+                f"the audit record {self.path.name}:{scan.bad_line} does not verify "
+                f"({scan.reason}), yet a record further along the chain verifies (line "
+                f"{scan.damaged_until}): not a torn tail from a power cut but a changed or "
+                "removed record. Nothing was changed. See `pacs-node audit verify`; to keep the "
+                f"records before line {scan.bad_line} and set the rest aside into a file beside "
+                "it (kept, and recorded in the audit), stop the node and run "
+                "`pacs-node audit recover` with the same --config/--data-dir"
+            )
+        aside = set_aside_tail(self.path, scan.kept, data)
+        tail = data[scan.kept :]
+        return Recovery(
+            set_aside=aside,
+            length=len(tail),
+            sha256=hashlib.sha256(tail).hexdigest(),
+            last=scan.last,
+            reason=scan.reason,
+            bad_line=scan.bad_line,
+            damaged=scan.damaged_until is not None,
+        )
+
+    def _follow_link(self, link: _Link | None) -> None:
+        self._seq, self._prev = (link.seq, link.hash) if link else (0, GENESIS)
+
+    def _reopen(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        st = os.fstat(self._fd)
+        self._size, self._ino = st.st_size, st.st_ino
+
+    def _catch_up(self) -> None:
+        """Under the append lock: if another process appended or rotated since this one last
+        wrote, continue its chain. One stat when nothing changed (the ingest hot path)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            st = None
+        if st is not None and st.st_ino == self._ino and st.st_size == self._size:
+            return
+        if st is None or st.st_ino != self._ino:
+            self._reopen()  # rotated (or removed) by another process
+        clean, end = _end_of(self.path)
+        if clean:
+            self._follow_link(end or self._anchor())
+            self._size = os.fstat(self._fd).st_size  # type: ignore[arg-type]
+            return
+        # The last line does not verify (a writer that lost power mid-append, then this
+        # process survived it?): the same recovery as at open.
+        recovery = self._recover(set_aside_damage=False)
+        self._reopen()
+        if recovery is not None:
+            self._append(recovery.event, recovery.fields())
+            self._log_recovery(recovery)
+
+    def _append(self, event: str, fields: dict[str, Any]) -> None:
+        """Write one record; the caller holds both locks."""
+        assert self._fd is not None
+        entry: dict[str, Any] = {
+            "seq": self._seq + 1,
+            "ts": datetime.now(UTC).isoformat(timespec="microseconds"),
+            "event": event,
+        }
+        dicom = DICOM_EVENTS.get(event)
+        if dicom is not None:
+            entry["dicom_event"] = dicom[1]
+            entry["dicom_event_id"] = dicom[0]
+        entry.update(fields)
+        entry["prev"] = self._prev
+        line, digest = _sealed(json.dumps(entry, default=str, separators=(",", ":")).encode())
+        os.write(self._fd, line + b"\n")
+        self._seq += 1
+        self._prev = digest
+        self._size += len(line) + 1
 
     def record(self, event: str, **fields: Any) -> None:
         """Append one record. Raises OSError if the audit cannot be written."""
         with self._lock:
-            if self._fd is None:
+            if self._fd is None or self._lock_fd is None:
                 raise RuntimeError("audit log is not open")
-            entry: dict[str, Any] = {
-                "seq": self._seq + 1,
-                "ts": datetime.now(UTC).isoformat(timespec="microseconds"),
-                "event": event,
-            }
-            dicom = DICOM_EVENTS.get(event)
-            if dicom is not None:
-                entry["dicom_event"] = dicom[1]
-                entry["dicom_event_id"] = dicom[0]
-            entry.update(fields)
-            entry["prev"] = self._prev
-            line, digest = _sealed(json.dumps(entry, default=str, separators=(",", ":")).encode())
-            os.write(self._fd, line + b"\n")
-            self._seq += 1
-            self._prev = digest
-            self._size += len(line) + 1
-            if self.max_bytes and self._size >= self.max_bytes:
-                self._rotate()
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                self._catch_up()
+                self._append(event, fields)
+                if self.max_bytes and self._size >= self.max_bytes:
+                    self._rotate()
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         if self._observer is not None:
             self._observer(event, fields)
 
@@ -168,34 +412,78 @@ class AuditLog:
 
     def _rotate(self) -> None:
         """The current file gets its last sequence number in its name; a new one starts the
-        next record, chained to the last one of the old file."""
+        next record, chained to the last one of the old file. Under the append lock."""
         assert self._fd is not None
         os.fsync(self._fd)
-        os.close(self._fd)
         rotated = self.path.with_name(f"{self.path.stem}.{self._seq:012d}.jsonl")
         os.rename(self.path, rotated)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self._reopen()
         dir_fd = os.open(self.path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-        self._size = 0
         if self.on_rotated is not None:
             self.on_rotated(rotated)
 
     def rotate(self) -> None:
         """Close the current file now (at a clean stop, so all of it can be replicated)."""
         with self._lock:
-            if self._fd is not None and self._size:
-                self._rotate()
+            if self._fd is None or self._lock_fd is None:
+                return
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                self._catch_up()
+                if self._size:
+                    self._rotate()
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         with self._lock:
-            if self._fd is not None:
-                os.fsync(self._fd)
-                os.close(self._fd)
-                self._fd = None
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _clean_end(data: bytes) -> tuple[bool, _Link | None]:
+    """The fast path at open: (True, the last record's link) when the file cannot hold a torn
+    tail (no NUL byte, ends with a newline, its last line a sealed record), (True, None) when
+    it is empty, (False, None) when it must be scanned record by record."""
+    if not data:
+        return True, None
+    if not data.endswith(b"\n") or b"\0" in data:
+        return False, None
+    start = data.rfind(b"\n", 0, len(data) - 1) + 1
+    checked = _check_record(data[start:-1], None)
+    return (True, checked) if isinstance(checked, _Link) else (False, None)
+
+
+def _end_of(path: Path) -> tuple[bool, _Link | None]:
+    """`_clean_end` from the end of the file alone (its last line, read backwards): for the
+    catch-up after another process appended, which must not re-read the whole file."""
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return True, None
+            f.seek(size - 1)
+            if f.read(1) != b"\n":
+                return False, None
+            start = _complete_length(f, size - 1)
+            f.seek(start)
+            line = f.read(size - 1 - start)
+    except FileNotFoundError:
+        return True, None
+    checked = _check_record(line, None)
+    return (True, checked) if isinstance(checked, _Link) else (False, None)
 
 
 def _complete_length(f: Any, end: int) -> int:
@@ -233,8 +521,13 @@ def rotated_files(path: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def set_aside_audit_files(path: Path) -> list[Path]:
+    """The torn tails set aside beside the audit file, oldest first."""
+    return sorted(path.parent.glob(f"{path.name}{TORN_MARK}*")) if path.parent.exists() else []
+
+
 def read_audit(path: Path) -> list[dict[str, Any]]:
-    """All complete records of the current file, oldest first (a torn last line is skipped)."""
+    """All records of the current file that parse, oldest first (a torn line is skipped)."""
     if not path.exists():
         return []
     records = []
@@ -242,8 +535,38 @@ def read_audit(path: Path) -> list[dict[str, Any]]:
         for line in f:
             if not line.endswith(b"\n"):
                 break
-            records.append(json.loads(line))
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue  # NULs or garbage a power cut left, not yet set aside
     return records
+
+
+@dataclass(frozen=True)
+class RecoveredGap:
+    """A part of the audit set aside at an open, as its recovery record says."""
+
+    where: str  # "<file>:<line>" of the recovery record
+    seq: int
+    event: str
+    set_aside_file: str
+    set_aside_bytes: int
+    last_verified_seq: int | None
+    reason: str
+    present: bool | None  # the set-aside file is still beside the audit and hashes as recorded
+
+    def describe(self) -> str:
+        kept = {True: "kept, hash matches", False: "MISSING or changed", None: "not checked"}
+        kind = (
+            "damage set aside (audit recover)"
+            if self.event != "audit_tail_recovered"
+            else ("torn tail set aside")
+        )
+        after = f"after seq {self.last_verified_seq}" if self.last_verified_seq else "at the start"
+        return (
+            f"{kind}: {self.set_aside_bytes} bytes {after} -> {self.set_aside_file} "
+            f"({kept[self.present]}); recorded at seq {self.seq} ({self.where}): {self.reason}"
+        )
 
 
 @dataclass(frozen=True)
@@ -252,46 +575,110 @@ class ChainReport:
     files: int
     broken_at: str | None  # "<file>:<line>" of the first record that breaks the chain
     reason: str | None
+    recovered: tuple[RecoveredGap, ...] = field(default=())
 
     @property
     def ok(self) -> bool:
         return self.broken_at is None
 
 
-def _lines(files: list[Path]) -> Iterator[tuple[Path, int, bytes]]:
+def _lines(files: list[Path], live: Path) -> Iterator[tuple[Path, int, bytes]]:
     for path in files:
         with path.open("rb") as f:
+            limit = _settled_size(live) if path == live else None
             for number, line in enumerate(f, start=1):
+                if limit is not None:
+                    if limit <= 0:
+                        return
+                    line = line[:limit]
+                    limit -= len(line)
                 yield path, number, line
+
+
+def _lock_path(path: Path) -> Path:
+    """The append lock beside the audit file (a sidecar: rotation renames the file itself)."""
+    return path.with_name(path.name + ".lock")
+
+
+def _settled_size(path: Path) -> int | None:
+    """The live file's size between two appends (read under the append lock, held for a
+    `stat` only), so a verify beside a running node never reads a record half-written; None
+    when the lock file cannot be opened (then the whole file is read)."""
+    try:
+        fd = os.open(_lock_path(path), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return os.stat(path).st_size
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _gap(path: Path, where: str, entry: dict[str, Any]) -> RecoveredGap:
+    name = str(entry.get("set_aside_file") or "")
+    present: bool | None = None
+    if name:
+        aside = path.parent / Path(name).name
+        present = aside.exists() and (
+            hashlib.sha256(aside.read_bytes()).hexdigest() == entry.get("set_aside_sha256")
+        )
+    length = entry.get("set_aside_bytes", entry.get("length", 0))
+    return RecoveredGap(
+        where=where,
+        seq=int(entry["seq"]),
+        event=str(entry["event"]),
+        set_aside_file=name or "(cut off, not kept: older version)",
+        set_aside_bytes=int(length or 0),
+        last_verified_seq=entry.get("last_verified_seq"),
+        reason=str(entry.get("reason", "")),
+        present=present,
+    )
 
 
 def verify_chain(path: Path) -> ChainReport:
     """Re-hash the whole chain (rotated files, then the current one); the first record whose
-    `prev` or `seq` does not follow, or that does not parse, is named."""
+    `prev` or `seq` does not follow, or that does not parse, is named. Every tail set aside
+    at an open is listed (`recovered`): the gap is shown, never hidden."""
     files = [*rotated_files(path), *([path] if path.exists() else [])]
     previous, expected_seq, count = GENESIS, None, 0
-    for file, number, raw in _lines(files):
+    gaps: list[RecoveredGap] = []
+
+    def broken(where: str, reason: str) -> ChainReport:
+        return ChainReport(count, len(files), where, reason, tuple(gaps))
+
+    for file, number, raw in _lines(files, path):
         where = f"{file.name}:{number}"
+        torn = file == path and (not raw.endswith(b"\n") or b"\0" in raw)
+        if torn:
+            return broken(
+                where,
+                "a torn tail (an incomplete line or NUL bytes, as a power cut leaves) not set "
+                "aside yet: the next start of the node (or any command that writes the audit) "
+                "sets it aside into a file beside it and records that",
+            )
         if not raw.endswith(b"\n"):
-            return ChainReport(count, len(files), where, "an incomplete last line")
+            return broken(where, "an incomplete last line")
         line = raw[:-1]
         try:
             entry = json.loads(line)
             seq, prev = int(entry["seq"]), str(entry["prev"])
         except (ValueError, KeyError, TypeError) as e:
-            return ChainReport(count, len(files), where, f"not an audit record: {e}")
+            return broken(where, f"not an audit record: {e}")
         if expected_seq is None:
             # The oldest files may have been archived away: the chain starts where it starts.
             expected_seq = seq
             previous = prev if seq != 1 else GENESIS
         claimed, actual = _own_hash(line)
         if claimed != actual:
-            return ChainReport(count, len(files), where, "the record was changed after writing")
+            return broken(where, "the record was changed after writing")
         if seq != expected_seq:
-            return ChainReport(count, len(files), where, f"seq {seq}, expected {expected_seq}")
+            return broken(where, f"seq {seq}, expected {expected_seq}")
         if prev != previous:
-            return ChainReport(
-                count, len(files), where, "prev does not match the previous record's hash"
-            )
+            return broken(where, "prev does not match the previous record's hash")
+        if entry.get("event") in RECOVERY_EVENTS:
+            gaps.append(_gap(file, where, entry))
         previous, expected_seq, count = claimed, seq + 1, count + 1
-    return ChainReport(count, len(files), None, None)
+    return ChainReport(count, len(files), None, None, tuple(gaps))

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 from pacs_node import __version__
 from pacs_node.config import Config, describe_access
+from pacs_node.datadir import DataDirLock, lock_data_dir
 from pacs_node.dimse.server import DicomServer
 from pacs_node.index import IndexFailure
 from pacs_node.ingest import Ingest
@@ -69,11 +70,24 @@ class Node:
             replication_on=self.target is not None,
         )
         self._stopped = threading.Event()
+        self._datadir_lock: DataDirLock | None = None
 
     def start(self) -> None:
         config = self.config
         # A taken port stops the start here, naming it, before anything is created on disk.
         check_listen_addresses(config)
+        # Then, before anything in the data directory is created or swept (the cache's
+        # sweep would take a running node's spare files): one node per data directory.
+        self._datadir_lock = lock_data_dir(config.data_dir, "serve")
+        try:
+            self._start()
+        except BaseException:
+            # A failed start (port taken, index unreadable) leaves the directory to the next try.
+            self._datadir_lock.release()
+            raise
+
+    def _start(self) -> None:
+        config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.index.open()
         removed = self.cache.open()
@@ -194,3 +208,5 @@ class Node:
             self.audit.close()
             self.index.close()
             self.cache.close()
+            if self._datadir_lock is not None:
+                self._datadir_lock.release()

@@ -549,7 +549,8 @@ def test_leftovers_of_a_crashed_restore_are_not_an_index(
     result = cli(config, "restore", "--if-missing", data_dir=fresh)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "restored 6 instances" in result.stdout
-    assert sorted(p.name for p in fresh.iterdir()) == ["audit", "index.sqlite3"]
+    # pacs-node.lock: the data directory's writer lock the restore held (datadir.py), kept.
+    assert sorted(p.name for p in fresh.iterdir()) == ["audit", "index.sqlite3", "pacs-node.lock"]
 
 
 def test_a_restore_killed_midway_leaves_no_index_and_the_next_boot_restores(
@@ -586,7 +587,8 @@ def test_a_restore_killed_midway_leaves_no_index_and_the_next_boot_restores(
         result = cli(config, "restore", "--if-missing")  # the next boot
     assert result.returncode == 0, result.stdout + result.stderr
     assert "restored 10 instances" in result.stdout
-    assert sorted(p.name for p in fresh.iterdir()) == ["audit", "index.sqlite3"]
+    # pacs-node.lock: the data directory's writer lock the restore held (datadir.py), kept.
+    assert sorted(p.name for p in fresh.iterdir()) == ["audit", "index.sqlite3", "pacs-node.lock"]
 
 
 # -- 5. the drill --------------------------------------------------------------------------

@@ -1,12 +1,13 @@
-"""`pacs-node audit verify`: the audit record's hash chain re-checked."""
+"""`pacs-node audit verify|recover`: the audit record's hash chain re-checked, and a damaged
+part set aside."""
 
 from __future__ import annotations
 
 import click
 
-from pacs_node.audit import verify_chain
+from pacs_node.audit import AuditLog, verify_chain
 from pacs_node.cli.errors import Failure
-from pacs_node.cli.options import config_options
+from pacs_node.cli.options import config_options, writer_lock
 from pacs_node.config import Config
 
 
@@ -21,6 +22,8 @@ def audit_verify(config: Config) -> None:
     """Re-hash the audit record's chain (rotated files included); exit 1 naming the first
     record that was changed, removed or reordered."""
     report = verify_chain(config.audit.path)
+    for gap in report.recovered:  # set aside after a power cut: shown, never hidden
+        click.echo(gap.describe())
     if report.ok:
         click.echo(
             f"audit chain OK: {report.records} records in {report.files} file(s) "
@@ -31,3 +34,24 @@ def audit_verify(config: Config) -> None:
         f"audit chain BROKEN at {report.broken_at}: {report.reason} "
         f"({report.records} records verified before it)"
     )
+
+
+@audit_group.command("recover")
+@config_options
+def audit_recover(config: Config) -> None:
+    """Set aside a damaged part of the current audit file (the node refuses to start on it):
+    the records before the first one that does not verify are kept, the rest is moved into
+    a file beside it (kept), and the chain continues with a record saying so. Stop the node
+    first."""
+    held = writer_lock(config, "audit recover")  # noqa: F841  # held until exit
+    audit = AuditLog(config.audit.path)
+    try:
+        audit.open(set_aside_damage=True)
+        audit.close()
+    except OSError as e:
+        raise Failure(f"error: {e}") from e
+    if audit.recovery is None:
+        click.echo(f"audit record {config.audit.path} verifies to its end: nothing set aside")
+        return
+    r = audit.recovery
+    click.echo(f"set aside {r.length} bytes from line {r.bad_line} into {r.set_aside} ({r.reason})")

@@ -14,9 +14,10 @@ from typing import Any
 
 import click
 
-from pacs_node.cli.errors import BadInput
+from pacs_node.cli.errors import BadInput, Failure
 from pacs_node.config import CONFIG_SEARCH_HELP, Config, ConfigError
 from pacs_node.config_check import load_for_command
+from pacs_node.datadir import DataDirBusy, DataDirLock, lock_data_dir
 from pacs_node.parts import REPLICATION_OFF_WARNING, build_replication_target
 from pacs_node.storage.target import ReplicationTarget, TargetError
 
@@ -126,3 +127,12 @@ def required_target(config: Config, command: str) -> ReplicationTarget:
             + REPLICATION_OFF_WARNING
         )
     return target
+
+
+def writer_lock(config: Config, command: str) -> DataDirLock:
+    """The data directory's writer lock (datadir.py), held until the process exits; Failure
+    (exit 1) naming its holder when another process has it."""
+    try:
+        return lock_data_dir(config.data_dir, command)
+    except DataDirBusy as e:
+        raise Failure(f"refused: {e}") from e

@@ -16,6 +16,7 @@ from pacs_node.cli.options import (
     config_options,
     required_target,
     setup_tool_logging,
+    writer_lock,
 )
 from pacs_node.cli.output import DETAIL_LINES, audit_event, echo_capped, iso
 from pacs_node.config import Config
@@ -115,6 +116,7 @@ def restore(
                     "probably this node; stop it before `restore --force`"
                 )
             click.echo(f"--force: the index at {path} will be replaced", err=True)
+    held = None if dry_run else writer_lock(config, "restore")  # noqa: F841  # held until exit
     options = RestoreOptions(
         use_snapshot=not no_snapshot,
         verify=verify,

@@ -13,6 +13,7 @@ from pacs_node import __version__
 from pacs_node.cli.errors import BadInput, Failure
 from pacs_node.cli.options import config_options, setup_logging
 from pacs_node.config import Config, ConfigError, with_overrides
+from pacs_node.datadir import DataDirBusy
 from pacs_node.index import IndexFailure
 from pacs_node.node import Node
 from pacs_node.service import Notifier, Watchdog
@@ -52,7 +53,7 @@ def serve(
     notifier = Notifier()  # systemd's sd_notify; does nothing outside a Type=notify unit
     try:
         node.start()
-    except (OSError, IndexFailure, ssl.SSLError) as e:
+    except (OSError, IndexFailure, ssl.SSLError, DataDirBusy) as e:
         log.error("event=start_failed error=%s", e)
         raise Failure() from e
     log.info(

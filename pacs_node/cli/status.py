@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import click
@@ -13,6 +14,7 @@ from pacs_node.cli.errors import Failure
 from pacs_node.cli.options import config_options
 from pacs_node.cli.output import iso
 from pacs_node.config import Config
+from pacs_node.datadir import set_aside_files
 from pacs_node.index import IndexFailure
 from pacs_node.parts import REPLICATION_OFF_WARNING, describe_target, open_existing_index
 
@@ -63,6 +65,9 @@ def status_report(config: Config) -> dict[str, Any]:
         "cache_bytes": counts.cache_bytes if counts else 0,
         "last_received_at": iso(counts.last_received_at) if counts else None,
         "versions_pending_review": counts.versions_pending_review if counts else 0,
+        "torn_tails_set_aside": [
+            str(p) for p in set_aside_files(config.data_dir, config.audit.path)
+        ],
         "replication": {
             "enabled": r.enabled,
             "target": describe_target(r),
@@ -105,6 +110,9 @@ def _print_status(r: dict[str, Any]) -> None:
         )
     else:
         click.echo("versions pending review: 0")
+    if r["torn_tails_set_aside"]:
+        names = ", ".join(Path(p).name for p in r["torn_tails_set_aside"])
+        click.echo(f"torn tails set aside: {len(r['torn_tails_set_aside'])} ({names})")
     rep = r["replication"]
     if not rep["enabled"]:
         click.echo(f"replication: OFF - {rep['message']}")

@@ -198,6 +198,8 @@ def run_export(
     audit.open()
     started = time.monotonic()
     try:
+        for torn in state.recovered:  # a power cut's torn tail, set aside at open
+            audit.record("export_state_tail_recovered", export_id=export_id, **torn.fields())
         report.selected = len(items)
         done = state.journal.load()
         swept = target.sweep(export_id)

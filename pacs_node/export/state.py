@@ -9,25 +9,39 @@
   mapping.jsonl.enc    original -> pseudonymous identifiers, one AES-256-GCM record per line
                        (profile `[mapping] keep = "encrypted"`), never part of the export
   work/                scratch files (the de-identified copy before upload), emptied at start
+
+A power cut can bring an appended file back with a torn tail (NULs, a cut line, garbage, a
+valid line after a hole): at open, each keeps its lines up to the first one that does not
+verify (journal: a JSON object naming its instance; mapping: a record that decrypts) and
+moves the rest into `<name>.torn-<UTC timestamp>` beside it (datadir.set_aside_tail; kept).
+The export redoes the instances whose journal lines were set aside (same keys, no duplicate)
+and records each recovery in the audit (`ExportState.recovered`).
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import fcntl
+import hashlib
 import json
+import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from pacs_node.datadir import set_aside_tail
 from pacs_node.fsio import fsync_dir
+
+log = logging.getLogger(__name__)
 
 
 class StateError(RuntimeError):
@@ -44,12 +58,71 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     fsync_dir(path.parent)
 
 
+@dataclass(frozen=True)
+class TailSetAside:
+    """A torn tail of an export's state file, moved aside at open."""
+
+    path: Path
+    set_aside: Path
+    length: int
+    sha256: str
+    kept_lines: int
+    reason: str
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "file": self.path.name,
+            "set_aside_file": self.set_aside.name,
+            "set_aside_bytes": self.length,
+            "set_aside_sha256": self.sha256,
+            "kept_lines": self.kept_lines,
+            "reason": self.reason,
+        }
+
+
 class _AppendOnly:
     """Lines appended with one write() each on an O_APPEND descriptor, fsynced per call."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd: int | None = None
+
+    def invalid(self, line: bytes) -> str | None:
+        """Why `line` is not one this file holds (None: it is)."""
+        return "NUL bytes (a hole a power cut left in the file)" if b"\0" in line else None
+
+    def recover_tail(self) -> TailSetAside | None:
+        """Keep the lines up to the first one that does not verify; set the rest aside.
+        Called before the first append (under the export's lock)."""
+        if not self.path.exists():
+            return None
+        data = self.path.read_bytes()
+        pos, kept, reason = 0, 0, None
+        while pos < len(data):
+            newline = data.find(b"\n", pos)
+            if newline < 0:
+                reason = "an incomplete last line (a crash mid-write)"
+                break
+            reason = self.invalid(data[pos:newline])
+            if reason is not None:
+                break
+            pos, kept = newline + 1, kept + 1
+        if reason is None:
+            return None
+        aside = set_aside_tail(self.path, pos, data)
+        tail = data[pos:]
+        log.warning(
+            "event=export_state_tail_recovered file=%s set_aside_bytes=%d set_aside_file=%s "
+            "kept_lines=%d reason=%r",
+            self.path,
+            len(tail),
+            aside.name,
+            kept,
+            reason,
+        )
+        return TailSetAside(
+            self.path, aside, len(tail), hashlib.sha256(tail).hexdigest(), kept, reason
+        )
 
     def _open(self) -> int:
         if self._fd is None:
@@ -72,7 +145,12 @@ class _AppendOnly:
             return []
         data = self.path.read_bytes()
         complete = data[: data.rfind(b"\n") + 1] if b"\n" in data else b""
-        return [line for line in complete.decode().splitlines() if line]
+        # Decoded line by line: a torn tail not yet set aside (NULs, garbage) is skipped.
+        return [
+            line.decode("utf-8", "replace")
+            for line in complete.split(b"\n")
+            if line and b"\0" not in line
+        ]
 
     def close(self) -> None:
         if self._fd is not None:
@@ -82,6 +160,17 @@ class _AppendOnly:
 
 class Journal(_AppendOnly):
     """Which instances are done (exported or skipped for good), keyed by "<sop>#<version>"."""
+
+    def invalid(self, line: bytes) -> str | None:
+        if b"\0" in line:
+            return super().invalid(line)
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return "not a JSON line"
+        if not isinstance(record, dict) or not isinstance(record.get("src"), str):
+            return "not a journal record"
+        return None
 
     def load(self) -> dict[str, dict[str, Any]]:
         done: dict[str, dict[str, Any]] = {}
@@ -120,6 +209,22 @@ class MappingStore(_AppendOnly):
     def enabled(self) -> bool:
         return self._aead is not None
 
+    def invalid(self, line: bytes) -> str | None:
+        if b"\0" in line:
+            return super().invalid(line)
+        try:
+            raw = base64.b64decode(line, validate=True)
+        except (binascii.Error, ValueError):
+            return "not base64"
+        if len(raw) < 12 + 16:
+            return "too short for a sealed record"
+        if self._aead is not None:
+            try:
+                self._aead.decrypt(raw[:12], raw[12:], self._aad)
+            except InvalidTag:
+                return "does not decrypt (damaged)"
+        return None
+
     def add(self, entries: list[tuple[str, str, str]]) -> None:
         """(kind, original, pseudonymous) triples; each written once per run."""
         if self._aead is None:
@@ -156,6 +261,7 @@ class ExportState:
     work: Path
     resumed: bool
     lock_fd: int
+    recovered: list[TailSetAside] = field(default_factory=list)  # torn tails set aside
 
     def close(self) -> None:
         self.journal.close()
@@ -217,14 +323,18 @@ def _open_locked(
     work = directory / "work"
     shutil.rmtree(work, ignore_errors=True)  # scratch of an interrupted run
     work.mkdir()
+    journal = Journal(directory / "journal.jsonl")
+    mapping = MappingStore(directory / "mapping.jsonl.enc", mapping_aes_key, export_id)
+    recovered = [r for r in (journal.recover_tail(), mapping.recover_tail()) if r is not None]
     state = ExportState(
         directory=directory,
         info=info,
-        journal=Journal(directory / "journal.jsonl"),
-        mapping=MappingStore(directory / "mapping.jsonl.enc", mapping_aes_key, export_id),
+        journal=journal,
+        mapping=mapping,
         work=work,
         resumed=resumed,
         lock_fd=lock_fd,
+        recovered=recovered,
     )
     state.set_status("running")
     return state
