@@ -52,6 +52,7 @@ from pynetdicom.sop_class import (
 )
 
 from pacs_node.fsio import fsync_dir
+from tests.checks import instance_rows
 from tests.conftest import NODE_AE, NodeProcess, free_port
 from tests.factory import dataset_bytes_sha256, make_folder
 from tests.powerfs import PowerCutMount, fuse_unavailable
@@ -557,6 +558,47 @@ def run_power_cuts(tmp_path: Path, cuts: int, seed: int) -> None:
             "file's last line: json.loads fails in audit.py's start-up recovery), "
             f"{len(run.known_issue_20)} time(s): {run.known_issue_20}; every other check passed"
         )
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.usefixtures("send_files_unchanged")
+def test_power_cut_after_the_first_start_keeps_its_directories(tmp_path: Path) -> None:
+    """A fresh node whose index has its own directory (`[index] path`): the directories it
+    creates at start (cache/, db/) must be durable before its first Success, or the first
+    cut loses every instance acknowledged in them. (With the index beside them, SQLite's own
+    fsync of the WAL's directory happens to make them durable.)"""
+    made = make_folder(tmp_path / "in", 4, syntaxes=[ExplicitVRLittleEndian])
+    items = [Item(m, dataset_bytes_sha256(m.path), False) for m in made]
+    fs = PowerCutMount(tmp_path / "backing", tmp_path / "mnt", tmp_path / "powerfs.log")
+    data_dir, port = fs.mountpoint, free_port()
+    db = data_dir / "db" / "index.sqlite3"
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'data_dir = "{data_dir}"\n[dicom]\nport = {port}\n[index]\npath = "{db}"\n'
+    )
+    fs.mount()
+    try:
+        node = NodeProcess(["serve", "--config", str(config)], tmp_path / "node.log")
+        node.wait_listening(port)
+        switch = KillSwitch(node.proc.pid, len(items))  # right after the last Success
+        scu = counted_sender(port, items, switch)
+        scu.start()
+        scu.join(60)
+        node.kill()
+        assert switch.fired and scu.error is None, repr(scu.error)
+        fs.cut("clean", 0)
+        fs.mount()
+        survived = sorted(str(p.relative_to(data_dir)) for p in data_dir.iterdir())
+        assert db.exists(), f"the index is gone after the first cut; left: {survived}"
+        rows = instance_rows(db)
+        assert not [uid for uid in scu.acked if (uid, 1) not in rows], "acknowledged, lost"
+        by_uid = {i.made.sop_uid: i for i in items}
+        for (uid, _), row in rows.items():
+            cached = data_dir / "cache" / row["cache_path"]
+            assert cached.is_file(), f"{uid}: cached file gone; left: {survived}"
+            assert dataset_bytes_sha256(cached) == by_uid[uid].sha256
+    finally:
+        fs.close()
 
 
 @pytest.mark.timeout(600)
