@@ -35,8 +35,10 @@ import hashlib
 import os
 import random
 import re
+import shutil
 import signal
 import sqlite3
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -573,9 +575,7 @@ def test_power_cut_after_the_first_start_keeps_its_directories(tmp_path: Path) -
     data_dir, port = fs.mountpoint, free_port()
     db = data_dir / "db" / "index.sqlite3"
     config = tmp_path / "node.toml"
-    config.write_text(
-        f'data_dir = "{data_dir}"\n[dicom]\nport = {port}\n[index]\npath = "{db}"\n'
-    )
+    config.write_text(f'data_dir = "{data_dir}"\n[dicom]\nport = {port}\n[index]\npath = "{db}"\n')
     fs.mount()
     try:
         node = NodeProcess(["serve", "--config", str(config)], tmp_path / "node.log")
@@ -599,6 +599,88 @@ def test_power_cut_after_the_first_start_keeps_its_directories(tmp_path: Path) -
             assert dataset_bytes_sha256(cached) == by_uid[uid].sha256
     finally:
         fs.close()
+
+
+_SYSCALL = re.compile(r"^(?P<tid>\d+) +(?P<call>\w+)\((?P<args>.*)\) += (?P<ret>-?\d+)")
+
+
+def _decoded(line: str) -> str:
+    return re.sub(r"\\x([0-9a-f]{2})", lambda m: chr(int(m[1], 16)), line)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(
+    shutil.which("strace") is None, reason="strace is missing (apt-get install strace)"
+)
+@pytest.mark.usefixtures("send_files_unchanged")
+def test_strace_sees_each_sync_before_each_success(tmp_path: Path) -> None:
+    """A second witness, on an ordinary filesystem: in the system calls of the node, each
+    C-STORE-RSP (a P-DATA-TF, first byte 0x04) follows, on the same thread and in this order,
+    the fsync of the received file, its link to the final name, the fsync of that directory
+    and the sync of the index's WAL."""
+    made = make_folder(tmp_path / "in", 6, syntaxes=[ExplicitVRLittleEndian])
+    items = [Item(m, dataset_bytes_sha256(m.path), False) for m in made]
+    port = free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n[dicom]\nport = {port}\n')
+    node = NodeProcess(["serve", "--config", str(config)], tmp_path / "node.log")
+    trace = tmp_path / "strace.txt"
+    try:
+        node.wait_listening(port)
+        calls, pid = "trace=fsync,fdatasync,link,linkat,sendmsg,sendto", str(node.proc.pid)
+        tracer = subprocess.Popen(
+            ["strace", "-f", "-y", "-xx", "-s", "1", "-e", calls, "-o", str(trace), "-p", pid],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert tracer.stderr is not None
+        line = tracer.stderr.readline()  # "Process N attached" (all threads), or a refusal
+        if "attached" not in line:
+            tracer.wait(10)
+            pytest.skip(f"strace cannot attach here: {line.strip()}")
+        time.sleep(0.5)
+        scu = counted_sender(port, items, KillSwitch(node.proc.pid, None))
+        scu.start()
+        scu.join(60)
+        assert scu.acked == [i.made.sop_uid for i in items], scu.refused
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(10)
+    finally:
+        assert node.terminate() == 0
+    checked, db_dir = 0, tmp_path / "data"
+    since: dict[str, list[str]] = {}  # thread -> what it did since its last response
+    for raw in trace.read_text().splitlines():
+        line = _decoded(raw)
+        m = _SYSCALL.match(line)
+        if m is None or m["ret"].startswith("-"):
+            continue
+        seen = since.setdefault(m["tid"], [])
+        args = m["args"]
+        if m["call"] in ("fsync", "fdatasync"):
+            seen.append(f"sync {args[args.index('<') + 1 : args.rindex('>')]}")
+        elif m["call"] in ("link", "linkat"):
+            paths = re.findall(r'"([^"]+)"', args)
+            seen.append(f"link {paths[0]} {paths[-1]}")
+        elif m["call"] == "sendmsg" and 'iov_base="\x04' in line:
+            response = f"C-STORE-RSP #{checked + 1}, after {seen}"
+            part = [e.split()[1] for e in seen if e.startswith("sync ") and ".part" in e]
+            links = [e.split()[1:] for e in seen if e.startswith("link ")]
+            assert part and links, f"no fsync of the received file, or no link, before {response}"
+            source, final = links[-1]
+            steps = [
+                f"sync {source}",
+                f"link {source} {final}",
+                f"sync {os.path.dirname(final)}",
+                f"sync {db_dir}/index.sqlite3-wal",
+            ]
+            missing = [step for step in steps if step not in seen]
+            assert not missing, f"{missing} missing before {response}"
+            order = [seen.index(steps[0]), seen.index(steps[1]), seen.index(steps[2], 0)]
+            order.append(len(seen) - 1 - seen[::-1].index(steps[3]))  # the last WAL sync
+            assert order == sorted(order), f"out of order: {steps} before {response}"
+            since[m["tid"]] = []
+            checked += 1
+    assert checked == len(items), f"{checked} C-STORE responses seen in {trace}"
 
 
 @pytest.mark.timeout(600)
