@@ -7,13 +7,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages: DCMTK, real third-party DICOM peers (storescu, echoscu, storescp, ...);
-# fuse3, fusermount3 and libfuse3 for the power-loss filesystem (tests/powerfs.py).
+# fuse3, fusermount3 and libfuse3 for the power-loss filesystem (tests/powerfs.py); strace.
 MISSING=()
 if ! [ -x /usr/bin/storescu ] || ! [ -x /usr/bin/storescp ]; then
     MISSING+=(dcmtk)
 fi
 if ! [ -x /usr/bin/fusermount3 ] || ! /sbin/ldconfig -p | grep 'libfuse3\.so' >/dev/null; then
     MISSING+=(fuse3)
+fi
+if ! [ -x /usr/bin/strace ]; then  # the second witness of the fsync order
+    MISSING+=(strace)
 fi
 if [ "${#MISSING[@]}" -gt 0 ]; then
     SUDO=""
