@@ -6,12 +6,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# DCMTK: real third-party DICOM peers (storescu, echoscu, storescp, ...).
+# Debian packages: DCMTK, real third-party DICOM peers (storescu, echoscu, storescp, ...);
+# fuse3, fusermount3 and libfuse3 for the power-loss filesystem (tests/powerfs.py); strace.
+MISSING=()
 if ! [ -x /usr/bin/storescu ] || ! [ -x /usr/bin/storescp ]; then
+    MISSING+=(dcmtk)
+fi
+if ! [ -x /usr/bin/fusermount3 ] || ! /sbin/ldconfig -p | grep 'libfuse3\.so' >/dev/null; then
+    MISSING+=(fuse3)
+fi
+if ! [ -x /usr/bin/strace ]; then  # the second witness of the fsync order
+    MISSING+=(strace)
+fi
+if [ "${#MISSING[@]}" -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y dcmtk
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y "${MISSING[@]}"
 fi
 
 # A private virtual environment with the package and its test extras.

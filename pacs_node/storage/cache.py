@@ -367,6 +367,8 @@ class Cache:
         removing it loses nothing. Returns how many were removed.
         """
         self.incoming.mkdir(parents=True, exist_ok=True)
+        for directory in (self.root.parent, self.root):  # their names survive a power cut
+            fsync_dir(directory)
         removed = 0
         for pattern in (f"*{_TMP_SUFFIX}", f".*{_DOWNLOAD_SUFFIX}"):
             for leftover in self.incoming.glob(pattern):
