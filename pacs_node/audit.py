@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from pacs_node.datadir import TORN_MARK, set_aside_tail
+from pacs_node.fsio import fsync_dir, makedirs_durable
 
 GENESIS = "0" * 64  # `prev` of the very first record
 _ROTATED_RE = re.compile(r"^(?P<stem>.+)\.(?P<seq>\d{12})\.jsonl$")
@@ -245,7 +246,7 @@ class AuditLog:
         """Open for appending, recovering a torn tail first (see the module doc). Raises
         AuditDamaged for damage in the middle, unless `set_aside_damage` (the operator's
         `audit recover`): then that too is set aside and recorded as such."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        makedirs_durable(self.path.parent)
         lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
         with self._lock:
             self._lock_fd = lock_fd
@@ -253,6 +254,7 @@ class AuditLog:
             try:
                 recovery = self._recover(set_aside_damage)
                 self._reopen()
+                fsync_dir(self.path.parent)  # the file's name survives a power cut
                 if recovery is not None:
                     self._append(recovery.event, recovery.fields())
                     os.fsync(self._fd)  # type: ignore[arg-type]  # the recovery is on record

@@ -21,7 +21,7 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pacs_node.fsio import fsync_dir
+from pacs_node.fsio import fsync_dir, makedirs_durable
 
 LOCK_NAME = "pacs-node.lock"
 TORN_MARK = ".torn-"
@@ -49,7 +49,7 @@ def lock_data_dir(data_dir: Path, command: str) -> DataDirLock:
 
     Only the data directory itself and the lock file are created before the lock is held,
     so a refused process has touched nothing a running node owns."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    makedirs_durable(data_dir)
     path = data_dir / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:

@@ -10,6 +10,7 @@ from pacs_node import __version__
 from pacs_node.config import Config, describe_access
 from pacs_node.datadir import DataDirLock, lock_data_dir
 from pacs_node.dimse.server import DicomServer
+from pacs_node.fsio import makedirs_durable
 from pacs_node.index import IndexFailure
 from pacs_node.ingest import Ingest
 from pacs_node.metrics import Metrics
@@ -88,7 +89,7 @@ class Node:
 
     def _start(self) -> None:
         config = self.config
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        makedirs_durable(config.data_dir)
         self.index.open()
         removed = self.cache.open()
         if removed:

@@ -22,11 +22,9 @@ acknowledged, C-FIND and C-GET return every instance byte-identical, replication
 Seeded: PACS_NODE_POWER_SEED reproduces a run; PACS_NODE_POWER_CUTS sets the number of cuts
 (default 20, half torn); PACS_NODE_SOAK=1 runs the slow soak (100 cuts).
 
-Known issue 20: after a torn cut the audit file can end in a line with a hole of zeros before
-it, which audit.py's start-up recovery does not yet handle, and the node fails to start. The
-test recognises exactly that failure (see `known_audit_torn_tail`), sets the audit file aside
-so the run goes on, checks everything else strictly, and reports the run as xfail naming
-issue 20. Any other start failure fails the test.
+A torn cut often leaves the audit file with a hole of zeros or a cut last line (issue 20): the
+node must set that tail aside and start, like any other start after a cut; a start that fails
+for any reason fails the test.
 """
 
 from __future__ import annotations
@@ -39,6 +37,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -176,33 +175,6 @@ def test_powerfs_torn_cut_keeps_each_unsynced_write_or_not(tmp_path: Path) -> No
     holes = [n for n, b in enumerate(blocks) if n and b == bytes(8)]
     assert sorted(kept + holes) == list(range(1, len(blocks)))  # each kept whole, or zeros
     assert kept and holes and kept[-1] == len(blocks) - 1  # holes before the last kept write
-
-
-# -- the known start failure (issue 20) --------------------------------------------------------
-
-# audit.py's start-up recovery reads the last line of the audit file as JSON; a torn cut can
-# leave zeros (writes that never reached the disk) before the last newline that did, and
-# json.loads then fails (UnicodeDecodeError when the zeros make it guess UTF-32, else
-# JSONDecodeError).
-_FRAME = re.compile(r'^  File "(?P<file>[^"]+)", line \d+, in (?P<function>\S+)$', re.MULTILINE)
-_AUDIT_TORN_ERRORS = ("UnicodeDecodeError: ", "json.decoder.JSONDecodeError: ")
-
-
-def known_audit_torn_tail(log_text: str) -> bool:
-    """The node failed to start on a torn audit tail (issue 20), and on nothing else: its last
-    traceback ends in audit.py's tail recovery, parsing the last line as JSON."""
-    if "Traceback (most recent call last):" not in log_text:
-        return False
-    last = log_text[log_text.rindex("Traceback (most recent call last):") :]
-    ours = [m for m in _FRAME.finditer(last) if "/pacs_node/" in m["file"]]
-    lines = [line for line in last.strip().splitlines() if line.strip()]
-    return (
-        bool(ours)
-        and ours[-1]["file"].endswith("/pacs_node/audit.py")
-        and ours[-1]["function"] == "_recover_tail"
-        and "json.loads(last)" in last
-        and lines[-1].startswith(_AUDIT_TORN_ERRORS)
-    )
 
 
 # -- the node -------------------------------------------------------------------------------
@@ -359,7 +331,6 @@ class Run:
     node: NodeProcess | None = None
     sessions: int = 0
     notes: list[str] = field(default_factory=list)
-    known_issue_20: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.fs = PowerCutMount(
@@ -368,12 +339,6 @@ class Run:
             self.tmp_path / "powerfs.log",
             trace=self.tmp_path / "powerfs.trace" if os.environ.get(TRACE) else None,
         )
-        # The audit file's name is on "disk" from the start, as a journaling filesystem has it
-        # seconds after install. The node never fsyncs audit/ (see the report), so under the
-        # strict model its file would vanish at every cut and a torn audit tail (issue 20)
-        # could never show.
-        (self.fs.backing / "audit").mkdir()
-        (self.fs.backing / "audit" / "audit.jsonl").touch()
         self.data_dir = self.tmp_path / "mnt"  # the node's whole data directory is on powerfs
         self.nas = self.tmp_path / "nas"  # the replication target is not
         self.nas.mkdir()
@@ -381,40 +346,26 @@ class Run:
         self.config = write_config(self.tmp_path / "node.toml", self.data_dir, self.nas, self.port)
 
     def start_node(self, context: str) -> NodeProcess:
-        """Start the node; on the known torn-audit failure (issue 20) set the audit file
-        aside once and start again, noting it. Anything else fails the test."""
-        for attempt in range(2):
-            self.sessions += 1
-            log_path = self.tmp_path / f"node-{self.sessions:03d}.log"
-            node = NodeProcess(["serve", "--config", str(self.config)], log_path)
-            try:
-                node.wait_listening(self.port, timeout=60)
-                # Listening is not started: the start can still fail after the listener is up.
-                deadline = time.monotonic() + 60
-                while "event=started " not in log_path.read_text():
-                    assert node.proc.poll() is None, "the node exited during its start"
-                    assert time.monotonic() < deadline, "the node did not finish starting"
-                    time.sleep(0.05)
-                self.node = node
-                return node
-            except AssertionError:
-                node.kill()
-                text = log_path.read_text()
-                if attempt == 0 and known_audit_torn_tail(text):
-                    audit = self.data_dir / "audit" / "audit.jsonl"
-                    aside = self.tmp_path / f"audit-torn-{self.sessions:03d}.jsonl"
-                    aside.write_bytes(audit.read_bytes())
-                    # Replaced by an empty file whose name is on "disk" (as at the start), so a
-                    # later cut brings back neither the torn file nor no file at all.
-                    with audit.open("wb") as f:
-                        os.fsync(f.fileno())
-                    fsync_dir(audit.parent)
-                    self.known_issue_20.append(f"{context}: {log_path.name}")
-                    continue
-                raise AssertionError(
-                    f"{context}: the node did not start:\n{text[-4000:]}"
-                ) from None
-        raise AssertionError("unreachable")
+        """Start the node and wait until it has finished starting; any failure fails the test
+        (a torn audit tail included: the node must set it aside and start)."""
+        self.sessions += 1
+        log_path = self.tmp_path / f"node-{self.sessions:03d}.log"
+        node = NodeProcess(["serve", "--config", str(self.config)], log_path)
+        try:
+            node.wait_listening(self.port, timeout=60)
+            # Listening is not started: the start can still fail after the listener is up.
+            deadline = time.monotonic() + 60
+            while "event=started " not in log_path.read_text():
+                assert node.proc.poll() is None, "the node exited during its start"
+                assert time.monotonic() < deadline, "the node did not finish starting"
+                time.sleep(0.05)
+        except AssertionError:
+            node.kill()
+            raise AssertionError(
+                f"{context}: the node did not start:\n{log_path.read_text()[-4000:]}"
+            ) from None
+        self.node = node
+        return node
 
     def stop_node(self) -> int:
         assert self.node is not None
@@ -532,8 +483,17 @@ def run_power_cuts(tmp_path: Path, cuts: int, seed: int) -> None:
     run.fs.mount()
     try:
         status = node_status(run.data_dir, run.config)
+        # The audit record came back from every cut: torn tails set aside, chain unbroken.
+        audit = subprocess.run(
+            [sys.executable, "-m", "pacs_node", "audit", "verify", "--config", str(run.config)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         run.fs.unmount()
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    torn_tails = len(status["torn_tails_set_aside"])
     sizes = sum(row["file_size"] for row in final.rows.values())
     assert status["instances"] == len(items)
     assert status["versions_pending_review"] == 0
@@ -550,16 +510,10 @@ def run_power_cuts(tmp_path: Path, cuts: int, seed: int) -> None:
     print(
         f"seed={seed} cuts={cuts} ({torn_cuts} torn) instances={len(items)} "
         f"acked across cuts={len(items) - len(pending)} orphans after cuts={orphans_after_cuts} "
-        f"run {time.monotonic() - started:.0f} s",
+        f"torn audit tails set aside={torn_tails} run {time.monotonic() - started:.0f} s",
         *run.notes,
         sep="\n  ",
     )
-    if run.known_issue_20:
-        pytest.xfail(
-            "issue 20: the node did not start after a torn cut (zeros before the audit "
-            "file's last line: json.loads fails in audit.py's start-up recovery), "
-            f"{len(run.known_issue_20)} time(s): {run.known_issue_20}; every other check passed"
-        )
 
 
 @pytest.mark.timeout(120)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import peewee as pw
 
+from pacs_node.fsio import fsync_dir, makedirs_durable
 from pacs_node.index.schema import Models, build_models, migrate
 
 log = logging.getLogger(__name__)
@@ -117,10 +118,13 @@ class Database:
         self.write_lock = threading.RLock()
 
     def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        makedirs_durable(self.path.parent)
         with translate_errors("opening the index"):
             self.db.connect(reuse_if_open=True)
             started_from = migrate(self.db, self.models)
+        # The names of the database and its WAL survive a power cut from the first commit on
+        # (SQLite syncs the directory when it creates a rollback journal, not for a WAL).
+        fsync_dir(self.path.parent)
         if started_from == 0:
             log.info("event=index_created path=%s", self.path)
 

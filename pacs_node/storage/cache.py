@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, Protocol
 
-from pacs_node.fsio import fsync_dir
+from pacs_node.fsio import DurableDirectories, fsync_dir, makedirs_durable
 from pacs_node.storage.layout import InstanceLocation
 
 log = logging.getLogger(__name__)
@@ -350,6 +350,7 @@ class Cache:
 
     def __init__(self, root: Path, *, min_free_bytes: int, max_object_bytes: int) -> None:
         self.root = root
+        self._durable_dirs = DurableDirectories(root)
         self.incoming = root / INCOMING_DIR
         self._min_free_bytes = min_free_bytes
         self._max_object_bytes = max_object_bytes
@@ -366,9 +367,9 @@ class Cache:
         A temporary file was never acknowledged (Success is sent only after commit), so
         removing it loses nothing. Returns how many were removed.
         """
-        self.incoming.mkdir(parents=True, exist_ok=True)
-        for directory in (self.root.parent, self.root):  # their names survive a power cut
-            fsync_dir(directory)
+        makedirs_durable(self.incoming)  # their names survive a power cut
+        fsync_dir(self.root.parent)  # and one made by an earlier start without syncing
+        fsync_dir(self.root)
         removed = 0
         for pattern in (f"*{_TMP_SUFFIX}", f".*{_DOWNLOAD_SUFFIX}"):
             for leftover in self.incoming.glob(pattern):
@@ -444,16 +445,14 @@ class Cache:
         final = self.root / relative
         try:
             incoming.fsync_and_close()
-            created = self._make_parents(final.parent)
+            self._durable_dirs.ensure(final.parent)
             try:
                 os.link(incoming.path, final)
             except FileExistsError as e:
                 raise AlreadyStored(f"{relative} already exists in the cache") from e
             incoming.path.unlink()
-            # The new name must survive a crash: fsync its directory and any we created.
+            # The new name must survive a crash (its directory's own name already does).
             fsync_dir(final.parent)
-            for directory in created:
-                fsync_dir(directory.parent)
         except OSError as e:
             incoming.discard()
             _raise_for_os_error(e, f"committing {relative}")
@@ -461,21 +460,6 @@ class Cache:
             incoming.discard()
             raise
         return StoredFile(relative_path=str(relative), size=incoming.file_size)
-
-    def _make_parents(self, directory: Path) -> list[Path]:
-        """mkdir -p, returning the directories created, deepest last."""
-        missing: list[Path] = []
-        probe = directory
-        while not probe.exists():
-            missing.append(probe)
-            probe = probe.parent
-        created: list[Path] = []
-        for d in reversed(missing):
-            # Another association may have created it an instant ago and not yet made it
-            # durable: fsync its parent all the same.
-            d.mkdir(exist_ok=True)
-            created.append(d)
-        return created
 
     def remove(self, relative_path: str) -> None:
         """Remove a committed file (used only to undo a commit whose index write failed)."""
@@ -510,11 +494,9 @@ class Cache:
             finally:
                 os.close(fd)
             os.chmod(source, 0o640)
-            created = self._make_parents(final.parent)
+            self._durable_dirs.ensure(final.parent)
             os.replace(source, final)
             fsync_dir(final.parent)
-            for directory in created:
-                fsync_dir(directory.parent)
         except OSError as e:
             _raise_for_os_error(e, f"installing {relative_path}")
         return StoredFile(relative_path=relative_path, size=size)

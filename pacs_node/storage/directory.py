@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
-from pacs_node.fsio import fsync_dir
+from pacs_node.fsio import DurableDirectories, fsync_dir
 from pacs_node.storage.cache import digest_file
 from pacs_node.storage.target import (
     READ_CHUNK,
@@ -106,6 +106,7 @@ class DirectoryTarget:
         # a file edited behind our back): checking a copy means reading it.
         self.etag_is_content_md5 = False
         self._tmp = self.root / _TMP_DIR
+        self._durable_dirs = DurableDirectories(self.root)
         self._locks = [threading.Lock() for _ in range(64)]
 
     # -- interface ----------------------------------------------------------------------------
@@ -243,8 +244,7 @@ class DirectoryTarget:
                     f"put key={key}: another file with other bytes lives there; "
                     "it is never replaced"
                 )
-            for directory in self._make_parents(final.parent):
-                fsync_dir(directory.parent)
+            self._durable_dirs.ensure(final.parent)
             tmp = self._tmp_file()
             try:
                 _copy_durably(path, tmp)
@@ -314,9 +314,7 @@ class DirectoryTarget:
     def _write(
         self, final: Path, source: Path, meta: ObjectMeta, digest: LocalDigest, *, overwrite: bool
     ) -> None:
-        created = self._make_parents(final.parent)
-        for directory in created:
-            fsync_dir(directory.parent)
+        self._durable_dirs.ensure(final.parent)
         tmp = self._tmp_file()
         try:
             _copy_durably(source, tmp)
@@ -336,15 +334,6 @@ class DirectoryTarget:
             tmp.unlink(missing_ok=True)
         fsync_dir(self._tmp)
 
-    def _make_parents(self, directory: Path) -> list[Path]:
-        missing: list[Path] = []
-        probe = directory
-        while not probe.exists():
-            missing.append(probe)
-            probe = probe.parent
-        for d in reversed(missing):
-            d.mkdir(exist_ok=True)
-        return list(reversed(missing))
 
     def _install_sidecar(self, final: Path, meta: ObjectMeta, digest: LocalDigest) -> None:
         document = {
