@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import peewee as pw
 from click.testing import CliRunner, Result
 from pydicom import dcmread
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from pacs_node.audit import read_audit
 from pacs_node.cli import main
+from pacs_node.index import Index
+from pacs_node.index.schema import MIGRATIONS, SCHEMA_VERSION, build_models
 from tests.checks import instance_rows
 from tests.conftest import NODE_AE, RunningNode, dcmtk
 from tests.factory import Made, base_dataset, dataset_bytes_sha256, write_instance
@@ -44,8 +48,10 @@ def _config_file(node: RunningNode, tmp_path: Path, extra: str = "") -> Path:
     return path
 
 
-def run_cli(config: Path, *args: str, input: str | None = None) -> Result:
-    return CliRunner().invoke(main, [*args, "--config", str(config)], input=input)
+def run_cli(
+    config: Path, *args: str, input: str | None = None, env: dict[str, str] | None = None
+) -> Result:
+    return CliRunner().invoke(main, [*args, "--config", str(config)], input=input, env=env)
 
 
 def _served_sha256(node: RunningNode, sop_uid: str) -> str:
@@ -91,6 +97,18 @@ def test_versions_listed_shown_and_the_served_one_chosen_per_instance(
     human = run_cli(config, "status").output
     assert "instances: 1 (distinct SOP Instance UIDs" in human
     assert "stored versions: 2 (1 instance(s) held in more than one version)" in human
+    # ... as an export counts them: one instance (the served version).
+    dry = run_cli(
+        config,
+        "export",
+        "--all",
+        "--dry-run",
+        "--to",
+        str(tmp_path / "out"),
+        env={"PACS_NODE_PSEUDONYM_KEY": "k" * 32},
+    )
+    assert dry.exit_code == 0, dry.output
+    assert "would export 1 instances" in dry.output
 
     # list: UIDs, versions, sizes, hashes, senders, states; no patient data.
     listed = run_cli(config, "versions", "list")
@@ -262,3 +280,25 @@ def test_number_of_frames_indexed_and_returned_at_image_level(
     )
     assert result.returncode == 0, result.stderr
     assert "(0028,0008) IS [3 ]" in result.stderr + result.stdout
+
+
+def test_an_index_of_schema_4_gains_the_columns_empty(tmp_path: Path) -> None:
+    """Rows indexed before NumberOfFrames was indexed answer it empty; none is served by
+    choice."""
+    path = tmp_path / "old.sqlite3"
+    db = pw.SqliteDatabase(str(path))
+    models = build_models(db)
+    for version in range(1, 5):  # what release 4 created
+        MIGRATIONS[version](db, models)
+    models.SchemaInfo.create(version=4)
+    db.close()
+    con = sqlite3.connect(path)
+    assert "number_of_frames" not in {r[1] for r in con.execute("PRAGMA table_info(instance)")}
+    con.close()
+    index = Index(path)
+    index.open()
+    index.close()
+    con = sqlite3.connect(path)
+    columns = {r[1] for r in con.execute("PRAGMA table_info(instance)")}
+    assert {"number_of_frames", "served"} <= columns
+    assert con.execute("SELECT version FROM schema_info").fetchone() == (SCHEMA_VERSION,) == (5,)
