@@ -16,16 +16,17 @@ import peewee as pw
 from click.testing import CliRunner, Result
 from pydicom import dcmread
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pynetdicom import AE, evt
 
 from pacs_node.audit import read_audit
 from pacs_node.cli import main
 from pacs_node.index import Index
 from pacs_node.index.schema import MIGRATIONS, SCHEMA_VERSION, build_models
 from tests.checks import instance_rows
-from tests.conftest import NODE_AE, RunningNode, dcmtk
+from tests.conftest import NODE_AE, RunningNode, dcmtk, free_port
 from tests.factory import Made, base_dataset, dataset_bytes_sha256, write_instance
 from tests.test_bad_input import store_files
-from tests.test_query_retrieve import identifier, py_find, py_get
+from tests.test_query_retrieve import identifier, py_find, py_get, py_move
 
 SUCCESS = 0x0000
 
@@ -302,3 +303,40 @@ def test_an_index_of_schema_4_gains_the_columns_empty(tmp_path: Path) -> None:
     columns = {r[1] for r in con.execute("PRAGMA table_info(instance)")}
     assert {"number_of_frames", "served"} <= columns
     assert con.execute("SELECT version FROM schema_info").fetchone() == (SCHEMA_VERSION,) == (5,)
+
+
+def test_c_move_sends_the_version_the_operator_chose(
+    start_node: Callable[..., RunningNode], tmp_path: Path
+) -> None:
+    received: list[bytes] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(event.encoded_dataset(include_meta=False))
+        return 0x0000
+
+    destination = AE(ae_title="DEST")
+    destination.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    port = free_port()
+    server = destination.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    try:
+        everything = ["echo", "store", "find", "move", "get"]
+        node = start_node(
+            peers=[
+                {"ae_title": "DEST", "host": "127.0.0.1", "port": port, "allow": ["echo"]},
+                {"ae_title": "PYSCU", "allow": everything},
+            ]
+        )
+        first, second = _versions(tmp_path)
+        assert store_files(node.port, [first.path, second.path]) == [SUCCESS, SUCCESS]
+        sha1, sha2 = dataset_bytes_sha256(first.path), dataset_bytes_sha256(second.path)
+        config = _config_file(node, tmp_path)
+        query = identifier("IMAGE", PatientID="PID001", SOPInstanceUID=first.sop_uid)
+
+        assert py_move(node, "PATIENT", query, "DEST")[-1][0].Status == SUCCESS
+        assert run_cli(config, "versions", "resolve", first.sop_uid, "--keep", "2").exit_code == 0
+        assert py_move(node, "PATIENT", query, "DEST")[-1][0].Status == SUCCESS
+        assert [hashlib.sha256(d).hexdigest() for d in received] == [sha1, sha2]
+    finally:
+        server.shutdown()
