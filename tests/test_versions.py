@@ -85,10 +85,12 @@ def test_versions_listed_shown_and_the_served_one_chosen_per_instance(
     node: RunningNode, tmp_path: Path
 ) -> None:
     first, second = _versions(tmp_path)
+    config = _config_file(node, tmp_path)
+    # Nothing received yet: nothing to review (the index is not even created).
+    assert run_cli(config, "versions", "list", "--json").output.strip() == "[]"
     assert store_files(node.port, [first.path], calling="MODALITY_A") == [SUCCESS]
     assert store_files(node.port, [second.path], calling="MODALITY_B") == [SUCCESS]
     sha1, sha2 = dataset_bytes_sha256(first.path), dataset_bytes_sha256(second.path)
-    config = _config_file(node, tmp_path)
 
     # status: one instance, two stored versions, one pending review.
     status = json.loads(run_cli(config, "status", "--json").output)

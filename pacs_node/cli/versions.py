@@ -103,6 +103,9 @@ def versions_group() -> None:
 def list_command(config: Config, pending: bool, as_json: bool) -> None:
     """Every SOP instance held in more than one version or pending review."""
     serve_version = config.duplicates.serve_version
+    if not config.index.path.exists():
+        click.echo("[]" if as_json else "index: not created yet (no instance received)")
+        return
     with _index(config) as index:
         groups = _grouped(list_versions(index, pending_only=pending))
     if as_json:
