@@ -27,7 +27,7 @@ from pacs_node.index.records import InstanceAttributes
 
 # Values larger than this are skipped (seek), never read: the header attributes are all small.
 _DEFER_SIZE = 4096
-_LAST_TAG_NEEDED = 0x0020_FFFF
+_LAST_TAG_NEEDED = 0x0028_0008  # NumberOfFrames
 
 _WANTED = {
     0x0008_0005: "SpecificCharacterSet",
@@ -51,6 +51,7 @@ _WANTED = {
     0x0020_0010: "StudyID",
     0x0020_0011: "SeriesNumber",
     0x0020_0013: "InstanceNumber",
+    0x0028_0008: "NumberOfFrames",
 }
 
 
@@ -500,6 +501,7 @@ def _attributes(wanted: dict[int, RawDataElement]) -> InstanceAttributes:
             sop_class_uid=values["SOPClassUID"],
             instance_number=_int(values["InstanceNumber"]),
             specific_character_set=charset,
+            number_of_frames=_int(values["NumberOfFrames"]),
         )
     except Exception as e:
         raise DatasetUnreadable(f"an identifying attribute cannot be decoded: {e}") from e

@@ -11,6 +11,7 @@ replication.py  `resync`, `verify`
 restore.py      `restore`, `drill`
 audit.py        `audit verify`
 export.py       `export` (the domain code is in `pacs_node/export/`)
+versions.py     `versions list|show|resolve` (the domain code is `pacs_node/versions.py`)
 options.py      `--config` / `--data-dir` and loading the config, `--concurrency`, logging
 output.py       what the reports share; an offline command's audit record
 errors.py       exit codes
@@ -28,6 +29,7 @@ from pacs_node.cli.replication import resync, verify
 from pacs_node.cli.restore import drill, restore
 from pacs_node.cli.serve import serve
 from pacs_node.cli.status import status
+from pacs_node.cli.versions import versions_group
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,5 +53,6 @@ for _command in (
     audit_group,
     export_command,
     config_group,
+    versions_group,
 ):
     main.add_command(_command)

@@ -8,9 +8,13 @@ configuration, profile or usage.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import warnings
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -40,7 +44,31 @@ from pacs_node.storage.export_target import (
 )
 
 KEY_ENV = "PACS_NODE_PSEUDONYM_KEY"
+log = logging.getLogger(__name__)
 _DURATION_RE = re.compile(r"^(\d+)([smhd]?)$")
+
+
+@contextmanager
+def _decoder_warnings_to_debug_log() -> Iterator[None]:
+    """pydicom warns about odd values it meets while decoding (an unknown character set, an
+    invalid value), on stderr and in its WARNING log, once per value: a long export would
+    bury its progress and report under them, and they may quote patient data. They go to the
+    log at DEBUG instead, with their count at INFO."""
+    pydicom_log = logging.getLogger("pydicom")
+    level = pydicom_log.level
+    pydicom_log.setLevel(logging.ERROR)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            pydicom_log.setLevel(level)
+    for w in caught:
+        log.debug(
+            "event=export_decoder_warning category=%s message=%s", w.category.__name__, w.message
+        )
+    if caught:
+        log.info("event=export_decoder_warnings count=%d (DEBUG logging shows them)", len(caught))
 
 
 def _duration_s(text: str) -> int:
@@ -219,7 +247,8 @@ def export_command(
     )
     request.export_id = request.export_id or derive_export_id(request)
     try:
-        report = run_export(config, request, progress=ProgressBar())
+        with _decoder_warnings_to_debug_log():
+            report = run_export(config, request, progress=ProgressBar())
     except (StateError, SelectionError, DestinationRefused) as e:
         raise BadInput(f"usage error: {e}") from e
     except ExportError as e:

@@ -176,7 +176,8 @@ def _print_verify(r: VerifyReport, where: str) -> None:
         click.echo(f"UNRECOVERABLE: {u.sop_uid} v{u.version}: {u.reason}")
     click.echo(
         f"verify {where}: checked {r.checked}; cache ok {r.cache_ok}, corrupt {r.cache_corrupt}, "
-        f"missing {r.cache_missing}, evicted {r.cache_evicted}; bucket checked "
+        f"missing {r.cache_missing}, not cached {r.cache_evicted} (bucket copy only); "
+        f"bucket checked "
         f"{r.bucket_checked}, ok {r.bucket_ok}, missing {r.bucket_missing}, corrupt "
         f"{r.bucket_corrupt}, conflict {r.bucket_conflict}, not checked {r.bucket_not_checked}; "
         f"healed {len(r.healed)}, re-enqueued {len(r.requeued)}, "

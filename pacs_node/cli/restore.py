@@ -319,10 +319,14 @@ def _print_drill(d: DrillReport, where: str) -> None:
         )
     else:
         click.echo("recovery point: 0 s (every instance is in the bucket)")
-    source = f"snapshot {r.snapshot.snapshot_key}" if r.snapshot else "no snapshot"
+    source = (
+        f"snapshot {r.snapshot.snapshot_key} + {r.from_metadata} from object metadata"
+        if r.snapshot
+        else f"all {r.from_metadata} from object metadata"
+    )
     click.echo(
         f"recovery time: {d.recovery_time_s:.1f} s to restore the index of {r.instances} "
-        f"instances ({r.rate:.0f} instances/s; {source} + {r.from_metadata} from object metadata)"
+        f"instances ({r.rate:.0f} instances/s; {source})"
     )
     click.echo(
         f"compared: {c.live} live instance versions; {c.judged} replicated before the drill, "

@@ -16,6 +16,7 @@ from pacs_node.cli.output import iso
 from pacs_node.config import Config
 from pacs_node.datadir import set_aside_files
 from pacs_node.index import IndexFailure
+from pacs_node.index.versions import VersionRows
 from pacs_node.parts import REPLICATION_OFF_WARNING, describe_target, open_existing_index
 
 
@@ -36,12 +37,13 @@ def status(config: Config, as_json: bool) -> None:
 
 def status_report(config: Config) -> dict[str, Any]:
     """The status as the stable shape of `status --json` (read only; never creates the index)."""
-    counts, replication = None, None
+    counts, replication, versions = None, None, None
     index = open_existing_index(config)
     if index is not None:
         try:
             counts = index.status()
             replication = index.replication_counts()
+            versions = VersionRows(index.database).counts()
         finally:
             index.close()
     now = datetime.now(UTC).replace(tzinfo=None)
@@ -61,7 +63,10 @@ def status_report(config: Config) -> dict[str, Any]:
         "patients": counts.patients if counts else 0,
         "studies": counts.studies if counts else 0,
         "series": counts.series if counts else 0,
-        "instances": counts.instances if counts else 0,
+        # Distinct SOP instances, as C-FIND and export count them; each stored version apart.
+        "instances": versions.instances if versions else 0,
+        "instance_versions": versions.versions if versions else 0,
+        "instances_with_several_versions": versions.with_several_versions if versions else 0,
         "cache_bytes": counts.cache_bytes if counts else 0,
         "last_received_at": iso(counts.last_received_at) if counts else None,
         "versions_pending_review": counts.versions_pending_review if counts else 0,
@@ -98,7 +103,12 @@ def _print_status(r: dict[str, Any]) -> None:
         click.echo("index: not created yet (no instance received)")
     click.echo(
         f"patients: {r['patients']}  studies: {r['studies']}  series: {r['series']}  "
-        f"instances: {r['instances']}"
+        f"instances: {r['instances']} (distinct SOP Instance UIDs, as C-FIND and export "
+        f"count them)"
+    )
+    click.echo(
+        f"stored versions: {r['instance_versions']} "
+        f"({r['instances_with_several_versions']} instance(s) held in more than one version)"
     )
     click.echo(
         f"cache: {_human_bytes(r['cache_bytes'])}  last received: {r['last_received_at'] or '-'}"
@@ -106,7 +116,8 @@ def _print_status(r: dict[str, Any]) -> None:
     if r["versions_pending_review"]:
         click.echo(
             f"versions pending review: {r['versions_pending_review']} "
-            "(same SOP Instance UID received with different bytes; both kept)"
+            "(same SOP Instance UID received with different bytes; both kept: "
+            "pacs-node versions list)"
         )
     else:
         click.echo("versions pending review: 0")

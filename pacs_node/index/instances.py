@@ -97,6 +97,7 @@ class InstanceRows:
         "needs_review",
         "last_access_at",
         "replicated_at",
+        "number_of_frames",
     )
 
     def __init__(self, database: Database) -> None:
@@ -138,6 +139,7 @@ class InstanceRows:
                 item.version > 1,
                 last_access_at,
                 replicated_at,
+                a.number_of_frames,
             ),
         )
         row_id: int = cursor.lastrowid

@@ -89,6 +89,7 @@ _ATTRS: dict[str, _Attr] = {
     "SOPInstanceUID": _Attr(_IMAGE, "sop_uid", "uid"),
     "SOPClassUID": _Attr(_IMAGE, "sop_class_uid", "uid"),
     "InstanceNumber": _Attr(_IMAGE, "instance_number", "int"),
+    "NumberOfFrames": _Attr(_IMAGE, "number_of_frames", "int"),
 }
 
 # Derived attributes: computed per matched row; only ModalitiesInStudy can be matched on.
@@ -355,7 +356,8 @@ def instances_to_retrieve(
 
     The level's unique key is required (a "\\" list is allowed); unique keys of the levels above,
     when given, narrow the match. Membership follows version 1 rows, as C-FIND shows them;
-    serve_version "first" sends version 1, "latest" the highest version of each SOP instance.
+    serve_version "first" sends version 1, "latest" the highest version of each SOP instance,
+    unless the operator chose the served version of that instance (its `served` row).
     """
     lv = _level_index(level)
     if serve_version not in SERVE_VERSIONS:
@@ -376,19 +378,24 @@ def instances_to_retrieve(
         # Exact values only: a retrieval names instances, it does not search for them.
         where.append(in_list(f"{_ALIASES[above]}.{_col(models, above, field)}", values))
 
-    c = {f: _col(models, _IMAGE, f) for f in ("sop_uid", "version", "series")}
-    source = _from_with_ancestors(models, _IMAGE)
-    if serve_version == "first":
-        served, served_series, served_study = "i", "se", "st"
-    else:
-        served, served_series, served_study = "v", "vse", "vst"
-        ins, ser, stu = _table(models, _IMAGE), _table(models, _SERIES), _table(models, _STUDY)
-        source += (
-            f" JOIN {ins} v ON v.{c['sop_uid']} = i.{c['sop_uid']} AND v.{c['version']} = "
-            f"(SELECT MAX(x.{c['version']}) FROM {ins} x WHERE x.{c['sop_uid']} = i.{c['sop_uid']})"
-            f" JOIN {ser} vse ON vse.id = v.{c['series']}"
-            f" JOIN {stu} vst ON vst.id = vse.{_col(models, _SERIES, 'study')}"
+    c = {f: _col(models, _IMAGE, f) for f in ("sop_uid", "version", "series", "served")}
+    ins, ser, stu = _table(models, _IMAGE), _table(models, _SERIES), _table(models, _STUDY)
+    # The operator's per-instance choice (`pacs-node versions resolve --serve`) first, else
+    # the configured one.
+    configured = "1"
+    if serve_version == "latest":
+        configured = (
+            f"(SELECT MAX(x.{c['version']}) FROM {ins} x "
+            f"WHERE x.{c['sop_uid']} = i.{c['sop_uid']})"
         )
+    served, served_series, served_study = "v", "vse", "vst"
+    source = _from_with_ancestors(models, _IMAGE) + (
+        f" JOIN {ins} v ON v.{c['sop_uid']} = i.{c['sop_uid']} AND v.{c['version']} = "
+        f"COALESCE((SELECT x.{c['version']} FROM {ins} x WHERE x.{c['sop_uid']} = "
+        f"i.{c['sop_uid']} AND x.{c['served']} = 1), {configured})"
+        f" JOIN {ser} vse ON vse.id = v.{c['series']}"
+        f" JOIN {stu} vst ON vst.id = vse.{_col(models, _SERIES, 'study')}"
+    )
     fields = [
         f"{served}.{_col(models, _IMAGE, f)}"
         for f in (

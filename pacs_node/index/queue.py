@@ -154,9 +154,12 @@ class ReplicationQueue:
                 .order_by(Job.last_attempt_at.desc())
                 .first()
             )
+            # Uploads this node's workers made: a restored row's job was never attempted here
+            # (restore clears last_attempt_at), though its replicated_at is recent.
             recent, recent_bytes = (
                 Inst.select(pw.fn.COUNT(Inst.id), pw.fn.COALESCE(pw.fn.SUM(Inst.file_size), 0))
-                .where(Inst.replicated_at > minute_ago)
+                .join(Job, on=(Job.instance == Inst.id))
+                .where((Inst.replicated_at > minute_ago) & Job.last_attempt_at.is_null(False))
                 .scalar(as_tuple=True)
             )
         return ReplicationCounts(

@@ -31,6 +31,7 @@ class InstanceAttributes:
     sop_class_uid: str
     instance_number: int | None
     specific_character_set: str
+    number_of_frames: int | None = None  # (0028,0008), multi-frame instances only
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ def mark_restored(index: Index, now: datetime) -> None:
             lease_until=None,
             next_attempt_at=None,
             last_error=None,
+            last_attempt_at=None,  # no upload was made here: status counts none as recent
         ).execute()
         # A row without its job (never made by ingest, but cheap to make whole).
         index.database.db.execute_sql(

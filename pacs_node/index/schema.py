@@ -13,7 +13,7 @@ import peewee as pw
 from playhouse.migrate import SqliteMigrator
 from playhouse.migrate import migrate as migrate_columns
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,12 @@ def build_models(database: pw.Database) -> Models:
         # When it was last received or retrieved: the cache evicts least recently used first
         # (since schema 4; NULL on rows written by older code, which then go first).
         last_access_at = pw.DateTimeField(null=True)
+        # Since schema 5: NumberOfFrames (0028,0008) as received (NULL: none, or a row
+        # indexed by older code), and the operator's choice of the version retrieval serves
+        # (`pacs-node versions resolve`): at most one version of a SOP instance has it set,
+        # and it overrides `duplicates.serve_version`.
+        number_of_frames = pw.IntegerField(null=True)
+        served = pw.BooleanField(null=True)
 
         class Meta:
             indexes = ((("sop_uid", "version"), True),)
@@ -127,6 +133,8 @@ def _create_v1(database: pw.Database, models: Models) -> None:
     database.create_tables(models.all())
     database.execute_sql("ALTER TABLE replication_job DROP COLUMN last_attempt_at")
     database.execute_sql("ALTER TABLE instance DROP COLUMN last_access_at")
+    database.execute_sql("ALTER TABLE instance DROP COLUMN number_of_frames")
+    database.execute_sql("ALTER TABLE instance DROP COLUMN served")
 
 
 def _v2_job_attempt_time(database: pw.Database, models: Models) -> None:
@@ -169,6 +177,16 @@ def _v4_last_access(database: pw.Database, models: Models) -> None:
     )
 
 
+def _v5_frames_and_served(database: pw.Database, models: Models) -> None:
+    # NumberOfFrames for C-FIND at IMAGE level (rows indexed before stay NULL: answered
+    # empty), and the per-instance choice of the served version (NULL: the config decides).
+    migrator = SqliteMigrator(database)
+    migrate_columns(
+        migrator.add_column("instance", "number_of_frames", models.Instance.number_of_frames),
+        migrator.add_column("instance", "served", models.Instance.served),
+    )
+
+
 # Migration N builds schema version N from N-1. Append, never edit a released one (version 1
 # is built from the current models, so it drops the columns later migrations add).
 MIGRATIONS: dict[int, Callable[[pw.Database, Models], None]] = {
@@ -176,6 +194,7 @@ MIGRATIONS: dict[int, Callable[[pw.Database, Models], None]] = {
     2: _v2_job_attempt_time,
     3: _v3_query_indexes,
     4: _v4_last_access,
+    5: _v5_frames_and_served,
 }
 
 

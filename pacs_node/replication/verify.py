@@ -338,7 +338,7 @@ class _Verifier:
             self.report.bucket_corrupt += 1
         else:
             self.report.bucket_conflict += 1
-        self._unrecoverable(copy, f"evicted from the cache and the bucket copy is {state}: {why}")
+        self._unrecoverable(copy, f"not in the cache and the bucket copy is {state}: {why}")
 
     def _unrecoverable(self, copy: IndexedCopy, reason: str) -> None:
         self.report.unrecoverable.append(Unrecoverable(copy.sop_uid, copy.version, reason))
