@@ -76,16 +76,11 @@ def config_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """`--config` and `--data-dir`; the command gets the loaded config as its first argument
     (a bad config exits 2 before the command runs)."""
 
-    @_config_option
-    @_data_dir_option
-    @_force_root_option
     @wraps(command)
-    def wrapper(
-        config_path: Path | None, data_dir: Path | None, force_root: bool, **kwargs: Any
-    ) -> Any:
-        return command(ConfigSource(config_path, data_dir, force_root).load(), **kwargs)
+    def loaded(source: ConfigSource, **kwargs: Any) -> Any:
+        return command(source.load(), **kwargs)
 
-    return wrapper
+    return config_source_options(loaded)
 
 
 def concurrency_option(command: Callable[..., Any]) -> Callable[..., Any]:
