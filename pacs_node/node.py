@@ -20,6 +20,7 @@ from pacs_node.parts import (
     build_replication_target,
 )
 from pacs_node.replication.audit_copy import AuditCopier
+from pacs_node.replication.reindex import IndexUnusable, refusal
 from pacs_node.replication.snapshot import Snapshotter
 from pacs_node.replication.worker import Replicator
 from pacs_node.storage.bucket import ReplicationTarget, TargetError
@@ -72,6 +73,10 @@ class Node:
     def start(self) -> None:
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True)
+        # Never start on an index that cannot account for the cache (replication/reindex.py).
+        unusable = refusal(config)
+        if unusable is not None:
+            raise IndexUnusable(unusable)
         self.index.open()
         removed = self.cache.open()
         if removed:
