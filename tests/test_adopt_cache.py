@@ -184,3 +184,27 @@ def test_a_damaged_cached_file_is_not_used_and_restore_names_it(
     assert row["cache_path"] is None and row["bucket_state"] == "unverified"
     assert path.read_bytes() == bytes(data)
     assert all(rows[(m.sop_uid, 1)]["replicated_at"] is not None for m in made[1:])
+
+
+def test_reindex_with_the_bucket_down_fails_whole_or_rebuilds_from_the_cache_alone(
+    site: Callable[..., Site], bucket: str, tmp_path: Path
+) -> None:
+    down = replication_section(bucket, f"http://127.0.0.1:{free_port()}")
+    home = site(replication=down)
+    node = home.start(on_stop=False)
+    made = make_folder(tmp_path / "in", 3, syntaxes=[ExplicitVRLittleEndian])
+    store_folder(node.port, tmp_path / "in")
+    node.node.stop(drain_timeout_s=2)
+    lose_index(home.data)
+
+    result = cli(home.config, "reindex")
+    assert result.returncode == 1, result.stdout + result.stderr  # nothing installed
+    assert "nothing installed" in result.stderr
+    assert not (home.data / "index.sqlite3").exists()
+
+    result = cli(home.config, "reindex", "--no-bucket")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 from the cache alone" in result.stdout
+    index = home.data / "index.sqlite3"
+    assert set(instance_rows(index)) == {(m.sop_uid, 1) for m in made}
+    assert pending_jobs(index) == 3

@@ -152,8 +152,22 @@ def restore(
 )
 @click.option("--no-snapshot", is_flag=True, help="Ignore index snapshots in the bucket.")
 @click.option("--verify", is_flag=True, help="Also hash every bucket copy not otherwise checked.")
+@click.option(
+    "--no-bucket",
+    is_flag=True,
+    help="Rebuild from the cache files alone, even with replication configured (the bucket "
+    "is down): instances only the bucket holds are not indexed until `reindex --force` runs "
+    "again with the bucket back.",
+)
 @concurrency_option
-def reindex(config: Config, force: bool, no_snapshot: bool, verify: bool, concurrency: int) -> None:
+def reindex(
+    config: Config,
+    force: bool,
+    no_snapshot: bool,
+    verify: bool,
+    no_bucket: bool,
+    concurrency: int,
+) -> None:
     """Rebuild a missing or damaged index from the cache files and the bucket together.
 
     What `serve` asks for when it refuses to start (the cache holds instances, the index is
@@ -166,7 +180,7 @@ def reindex(config: Config, force: bool, no_snapshot: bool, verify: bool, concur
     """
     setup_tool_logging(config)
     try:
-        target = build_replication_target(config)
+        target = None if no_bucket else build_replication_target(config)
     except TargetError as e:
         raise BadInput(f"configuration error: {e}") from e
     path = config.index.path
