@@ -1,23 +1,35 @@
-"""Restore: rebuild a lost node's index from the bucket alone.
+"""Restore (and reindex): rebuild a lost node's index from the bucket and whatever the local
+cache still holds.
 
     newest usable snapshot (manifest -> download -> SHA-256 -> gunzip -> integrity check)
-      | none, or all damaged: start from an empty index (said loudly, never silently)
-    list <prefix>/instances/  (key -> size)
-    every snapshot row: its object listed? yes -> restored (evicted, replicated, job done)
-                                           no  -> LOST (dropped, reported: no bytes anywhere)
+      | none, or all damaged, or no bucket: start from an empty index (said loudly)
+    list <prefix>/instances/  (key -> size, ETag)
+    read the cache: every instance file hashed (dataset SHA-256, file MD5), File Meta read
+    every snapshot row, against its object and its cached file (see _reconcile_snapshot):
+      good cached file -> cached; compared with the object (ETag = MD5, else read back):
+                          same bytes -> VERIFIED; object missing or other bytes -> upload queued
+      no good file     -> object listed, same size -> evicted, UNVERIFIED
+                          object of another size  -> evicted, DAMAGED (reported)
+                          no object               -> LOST (dropped, reported)
     every listed object the snapshot does not cover: one ranged GET of its first 64 KiB
       (metadata from the response headers, C-FIND attributes from the bytes; 16 at once),
-      indexed in big transactions; an object that does not parse is reported and skipped
-    [--verify: every object hashed against its indexed SHA-256]
+      indexed UNVERIFIED (its metadata's SHA-256 is a claim), or cached as above
+    every cache file neither knows: indexed from the file, upload queued
+    [--verify: every UNVERIFIED object hashed: VERIFIED, or DAMAGED and reported]
     integrity + foreign-key check -> rename into place
+
+Only VERIFIED rows are replicated (`replicated_at` set); UNVERIFIED and DAMAGED ones carry
+`instance.bucket_state` and count for nothing until `pacs-node verify` settles them.
 
 "Newer than the snapshot" is decided by set difference on the keys, not by timestamps, so an
 instance received before the snapshot but replicated after it is not missed, and one whose
-upload was still queued in the snapshot and never made it is reported, not indexed.
+upload was still queued in the snapshot and never made it is indexed from the cache if the
+cache kept it, else reported as lost.
 
 Everything is written to `<index>.restoring` beside the index and renamed into place only
 when complete and checked: a crash mid-restore leaves no index (so `--if-missing` runs again at
-the next boot), only work files that the next restore removes. The bucket is only read.
+the next boot), only work files that the next restore removes. The bucket and the cache files
+are only read.
 """
 
 from __future__ import annotations
