@@ -40,12 +40,13 @@ EXIT_PROBLEMS = 3
 
 EXIT_CODES = """Exit codes: 0 the index is installed and whole: every instance in the snapshot or
 the bucket or the cache is indexed, and every bucket copy was checked as asked (--verify:
-hashed; else the unhashed ones are UNVERIFIED, named in the summary, and `pacs-node verify`
-settles them); also 0 when --if-missing finds nothing to do. 3 the index is installed but
-not whole: an instance was LOST (its bytes exist nowhere), an object could not be indexed
-(skipped), a bucket copy's SIZE DIFFERS or is CORRUPT (--verify), or a cached file is
-DAMAGED; each is named. 1 nothing was installed: the bucket unreachable, nothing to restore,
-the result failed its check, or the node runs. 2 bad configuration or usage; nothing done."""
+hashed; else the unhashed ones are UNVERIFIED, counted in the summary, and `pacs-node
+verify` settles them); also 0 when --if-missing finds nothing to do. 3 the index is installed
+but not whole: an instance was LOST (its bytes exist nowhere), an object could not be
+indexed (skipped), a bucket copy's SIZE DIFFERS or is CORRUPT (--verify), or a cached file
+is DAMAGED; each is named (a --dry-run that finds such problems exits 3 too). 1 nothing was
+installed: the bucket unreachable, nothing to restore, the result failed its check, or the
+node runs. 2 bad configuration or usage; nothing done."""
 
 
 class Incomplete(CommandError):
