@@ -208,3 +208,24 @@ def test_reindex_with_the_bucket_down_fails_whole_or_rebuilds_from_the_cache_alo
     index = home.data / "index.sqlite3"
     assert set(instance_rows(index)) == {(m.sop_uid, 1) for m in made}
     assert pending_jobs(index) == 3
+
+
+def test_restore_if_missing_at_boot_moves_a_corrupt_index_aside_and_rebuilds(
+    site: Callable[..., Site], tmp_path: Path
+) -> None:
+    home = site()
+    _node, made = home.session(tmp_path / "in", 2)
+    index = home.data / "index.sqlite3"
+    for name in ("index.sqlite3-wal", "index.sqlite3-shm"):
+        (home.data / name).unlink(missing_ok=True)
+    index.write_bytes(b"\x00" * 8192)  # a zeroed file: what a torn write can leave
+
+    result = cli(home.config, "restore", "--if-missing")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "is unusable" in result.stdout and "moved aside to" in result.stdout
+    assert "nothing to do" not in result.stdout
+    aside = [p for p in home.data.iterdir() if p.name.startswith("index.sqlite3.damaged-")]
+    assert len(aside) == 1 and aside[0].read_bytes() == b"\x00" * 8192
+    rows = instance_rows(index)
+    assert set(rows) == {(m.sop_uid, 1) for m in made}
+    assert all(r["cache_path"] and r["replicated_at"] for r in rows.values())
