@@ -13,10 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydicom.uid import generate_uid
+
 from pacs_node.index import Index
 from pacs_node.index.commitment import held_instances
 from tests.checks import instance_rows
+from tests.conftest import RunningNode, free_port
 from tests.s3server import _moto_process, bucket, s3_server  # noqa: F401 (fixtures)
+from tests.test_commitment import Reports, modality, n_action, peers, request, sequences
 from tests.test_restore import (  # noqa: F401 (site is a fixture)
     INSTANCES,
     Site,
@@ -63,6 +67,41 @@ def test_a_plain_restore_counts_nothing_as_replicated_until_verify_hashes_it(
     rows = instance_rows(db)
     assert all(r["bucket_state"] is None and r["replicated_at"] for r in rows.values())
     assert all(committed(db, uids).values())
+
+
+def test_storage_commitment_of_a_restored_node_waits_for_verify(
+    site: Callable[..., Site], start_node: Callable[..., RunningNode], tmp_path: Path
+) -> None:
+    """End to end, as a modality asks: N-ACTION on a node restored from the bucket."""
+    home = site()
+    _node, made = home.session(tmp_path / "in", 3)
+    restored = tmp_path / "restored"
+    assert cli(home.config, "restore", data_dir=restored).returncode == 0
+
+    def ask() -> tuple[set[str], dict[str, int]]:
+        node = start_node(
+            data_dir=restored,
+            dicom={"port": free_port()},
+            replication=home.replication,
+            snapshots={"on_stop": False},
+            peers=peers(),
+            commitment={"max_wait_s": 1.5, "poll_interval_s": 0.1},
+        )
+        reports = Reports()
+        try:
+            with modality(node.port, reports) as assoc:
+                assert n_action(assoc, request(made, generate_uid())).Status == 0x0000
+                event_type, info, _ = reports.get(timeout=20)
+        finally:
+            node.node.stop(drain_timeout_s=2)
+        assert event_type in (1, 2)
+        return sequences(info)
+
+    # Unverified copies: nothing is committed (0x0110 processing failure, after max_wait_s).
+    assert ask() == (set(), {m.sop_uid: 0x0110 for m in made})
+    result = cli(home.config, "verify", "--all", data_dir=restored)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ask() == ({m.sop_uid for m in made}, {})
 
 
 def test_a_copy_of_another_size_is_damaged_and_restore_exits_3(
