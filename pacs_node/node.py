@@ -23,6 +23,7 @@ from pacs_node.parts import (
 )
 from pacs_node.preflight import check_listen_addresses
 from pacs_node.replication.audit_copy import AuditCopier
+from pacs_node.replication.reindex import IndexUnusable, refusal
 from pacs_node.replication.snapshot import Snapshotter
 from pacs_node.replication.worker import Replicator
 from pacs_node.retrieve.eviction import Evictor
@@ -90,6 +91,10 @@ class Node:
     def _start(self) -> None:
         config = self.config
         makedirs_durable(config.data_dir)
+        # Never start on an index that cannot account for the cache (replication/reindex.py).
+        unusable = refusal(config)
+        if unusable is not None:
+            raise IndexUnusable(unusable)
         self.index.open()
         removed = self.cache.open()
         if removed:

@@ -207,7 +207,8 @@ def ingest(node: RunningNode, folder: Path, made: list[Made]) -> None:
 
 # What a restore legitimately changes: row ids, where the bytes are (nowhere: evicted), when
 # they were replicated, the cache's access order.
-_NOT_COMPARED = {"id", "series_id", "cache_path", "replicated_at", "last_access_at"}
+# And whether its bucket copy was checked (bucket_state: see below).
+_NOT_COMPARED = {"id", "series_id", "cache_path", "replicated_at", "last_access_at", "bucket_state"}
 
 
 def index_view(db: Path) -> dict[str, Any]:
@@ -253,7 +254,11 @@ def index_view(db: Path) -> dict[str, Any]:
     }
 
 
-def assert_restored_equals(restored_db: Path, original: dict[str, Any]) -> None:
+def assert_restored_equals(
+    restored_db: Path, original: dict[str, Any], *, verified: bool = False
+) -> None:
+    """The restored index answers as the original did; every row evicted. Without --verify no
+    bucket copy was hashed: every row is UNVERIFIED and none counts as replicated."""
     view = index_view(restored_db)
     assert view["patients"] == original["patients"]
     assert view["studies"] == original["studies"]
@@ -261,11 +266,16 @@ def assert_restored_equals(restored_db: Path, original: dict[str, Any]) -> None:
     assert set(view["instances"]) == set(original["instances"])
     for key, row in original["instances"].items():
         assert view["instances"][key] == row, key
-    # Nothing to upload again, nothing in the cache: every row evicted and replicated.
+    # Nothing to upload again, nothing in the cache: every row evicted.
     assert view["jobs"] == {"done": len(original["instances"])}
     for row in instance_rows(restored_db).values():
         assert row["cache_path"] is None
-        assert row["replicated_at"] is not None
+        if verified:
+            assert row["replicated_at"] is not None
+            assert row["bucket_state"] is None
+        else:
+            assert row["replicated_at"] is None
+            assert row["bucket_state"] == "unverified"
 
 
 FIND_LEVELS = [("PATIENT", "PATIENT"), ("STUDY", "STUDY"), ("STUDY", "SERIES"), ("STUDY", "IMAGE")]
@@ -325,8 +335,9 @@ def test_restore_after_losing_the_node_serves_c_find_and_c_move_as_before(
             path.unlink()
     result = cli(config, "restore")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "restored 500 instances (500 from the snapshot, 0 from object metadata)" in (
-        result.stdout
+    assert (
+        "restored 500 instances (500 from the snapshot, 0 from object metadata, 0 from the "
+        "cache alone)" in result.stdout
     )
     assert "instances/s" in result.stdout
     assert_restored_equals(data / "index.sqlite3", original)
@@ -424,7 +435,7 @@ def test_no_snapshot_and_no_snapshot_in_the_bucket_give_the_same_index(
     result = cli(config, "restore", "--no-snapshot", data_dir=one)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "--no-snapshot" in result.stdout
-    assert "(0 from the snapshot, 43 from object metadata)" in result.stdout
+    assert "(0 from the snapshot, 43 from object metadata, 0 from the cache alone)" in result.stdout
     assert_restored_equals(one / "index.sqlite3", original)
 
     # No snapshot in the bucket at all.
@@ -471,7 +482,9 @@ def test_instances_after_the_last_snapshot_come_from_object_metadata(
 
     result = cli(config, "restore", data_dir=tmp_path / "restored")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "(30 from the snapshot, 20 from object metadata)" in result.stdout
+    assert (
+        "(30 from the snapshot, 20 from object metadata, 0 from the cache alone)" in result.stdout
+    )
     assert_restored_equals(tmp_path / "restored" / "index.sqlite3", original)
 
 
@@ -510,7 +523,12 @@ def test_if_missing_does_nothing_and_an_existing_index_is_never_replaced_without
     assert result.returncode == 0, result.stdout + result.stderr
     assert "restored 5 instances" in result.stdout
     assert len(instance_rows(index)) == 5
-    assert all(r["cache_path"] is None for r in instance_rows(index).values())
+    # The node's own cache survived: adopted, each file compared with its bucket copy (the
+    # ETag is the MD5 of the cached file), so every row is cached and replicated.
+    assert "bucket copies: 5 verified, 0 unverified, 0 damaged; 0 queued" in result.stdout
+    for row in instance_rows(index).values():
+        assert row["cache_path"] is not None
+        assert row["replicated_at"] is not None and row["bucket_state"] is None
 
 
 def test_if_missing_on_an_empty_bucket_starts_empty_and_plain_restore_fails(
@@ -740,14 +758,16 @@ def test_a_corrupted_snapshot_is_detected_and_restore_falls_back(
     assert f"snapshot {newest.manifest_key} is unusable" in result.stdout
     assert "does not match its manifest" in result.stdout
     assert "trying the previous one" in result.stdout
-    assert "(20 from the snapshot, 10 from object metadata)" in result.stdout
+    assert (
+        "(20 from the snapshot, 10 from object metadata, 0 from the cache alone)" in result.stdout
+    )
     assert_restored_equals(tmp_path / "r1" / "index.sqlite3", original)
 
     flip_object_byte(client, bucket, older.data_key, at=200)
     result = cli(config, "restore", data_dir=tmp_path / "r2")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no other snapshot: rebuilding the whole index from object metadata" in result.stdout
-    assert "(0 from the snapshot, 30 from object metadata)" in result.stdout
+    assert "(0 from the snapshot, 30 from object metadata, 0 from the cache alone)" in result.stdout
     assert_restored_equals(tmp_path / "r2" / "index.sqlite3", original)
 
 
@@ -794,7 +814,7 @@ def test_a_snapshot_that_fails_its_integrity_check_is_not_used(
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"snapshot {snap.manifest_key} is unusable (integrity check failed:" in result.stdout
     assert "instance_sop_uid_version" in result.stdout
-    assert "(0 from the snapshot, 12 from object metadata)" in result.stdout
+    assert "(0 from the snapshot, 12 from object metadata, 0 from the cache alone)" in result.stdout
 
 
 def test_dry_run_writes_nothing(
@@ -838,11 +858,18 @@ def test_verify_catches_an_object_whose_bytes_do_not_match_its_sha256(
     result = cli(config, "restore", data_dir=tmp_path / "plain")
     assert result.returncode == 0, result.stdout + result.stderr  # sizes agree: not seen
     result = cli(config, "restore", "--verify", data_dir=tmp_path / "checked")
-    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.returncode == 3, result.stdout + result.stderr
     assert f"CORRUPT: {made[3].sop_uid} v1" in result.stdout
     assert "verified 10, corrupt 1" in result.stdout
-    # The index is installed all the same (the damage is in the bucket, not in the index).
-    assert len(instance_rows(tmp_path / "checked" / "index.sqlite3")) == 10
+    assert "restore INCOMPLETE: 1 problem(s)" in result.stderr
+    # The index is installed all the same (the damage is in the bucket, not in the index),
+    # but the corrupt copy does not count as replicated; the nine others do.
+    rows = instance_rows(tmp_path / "checked" / "index.sqlite3")
+    assert len(rows) == 10
+    damaged = rows[(made[3].sop_uid, 1)]
+    assert damaged["replicated_at"] is None and damaged["bucket_state"] == "damaged"
+    others = [r for key, r in rows.items() if key != (made[3].sop_uid, 1)]
+    assert all(r["replicated_at"] is not None and r["bucket_state"] is None for r in others)
 
 
 def test_objects_that_do_not_parse_are_reported_and_skipped_and_lost_ones_named(
@@ -876,11 +903,14 @@ def test_objects_that_do_not_parse_are_reported_and_skipped_and_lost_ones_named(
     client.delete_object(Bucket=bucket, Key=f"{INSTANCES}{row['cache_path']}")
 
     result = cli(config, "restore", data_dir=tmp_path / "r")
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == 3, result.stdout + result.stderr
     assert f"skipped: (unknown instance) {stray}: its metadata does not parse" in result.stdout
     assert f"skipped: 1.2.9.1.1 v1 {garbage}: its dataset" in result.stdout
     assert f"LOST: {made[2].sop_uid} v1" in result.stdout
-    assert "restored 7 instances (7 from the snapshot, 0 from object metadata)" in result.stdout
+    assert (
+        "restored 7 instances (7 from the snapshot, 0 from object metadata, 0 from the cache alone)"
+        in result.stdout
+    )
     # The lost instance's study and series were its alone: they answer no C-FIND either.
     assert "index: 4 patients, 7 studies, 7 series, 7 instances" in result.stdout
     rows = instance_rows(tmp_path / "r" / "index.sqlite3")
@@ -899,9 +929,9 @@ def test_restore_from_a_directory_target(site: Callable[..., Site], tmp_path: Pa
     config = write_config(tmp_path / "nas.toml", tmp_path / "restored", free_port(), replication)
     result = cli(config, "restore", "--verify")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "(12 from the snapshot, 3 from object metadata)" in result.stdout
+    assert "(12 from the snapshot, 3 from object metadata, 0 from the cache alone)" in result.stdout
     assert "verified 15, corrupt 0" in result.stdout
-    assert_restored_equals(tmp_path / "restored" / "index.sqlite3", original)
+    assert_restored_equals(tmp_path / "restored" / "index.sqlite3", original, verified=True)
 
 
 def test_restored_index_opens_as_a_node_index(

@@ -8,7 +8,7 @@ serve.py        `serve`: the node in the foreground
 status.py       `status`
 config.py       `config check`
 replication.py  `resync`, `verify`
-restore.py      `restore`, `drill`
+restore.py      `restore`, `reindex`, `drill` (restore's exit 3: installed, not whole)
 audit.py        `audit verify`
 export.py       `export` (the domain code is in `pacs_node/export/`)
 versions.py     `versions list|show|resolve` (the domain code is `pacs_node/versions.py`)
@@ -26,7 +26,7 @@ from pacs_node.cli.audit import audit_group
 from pacs_node.cli.config import config_group
 from pacs_node.cli.export import export_command
 from pacs_node.cli.replication import resync, verify
-from pacs_node.cli.restore import drill, restore
+from pacs_node.cli.restore import drill, reindex, restore
 from pacs_node.cli.serve import serve
 from pacs_node.cli.status import status
 from pacs_node.cli.versions import versions_group
@@ -49,6 +49,7 @@ for _command in (
     resync,
     verify,
     restore,
+    reindex,
     drill,
     audit_group,
     export_command,

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from pacs_node.cli.errors import BadInput, Failure
+from pacs_node.cli.errors import BadInput, CommandError, Failure
 from pacs_node.cli.options import (
     concurrency_option,
     config_options,
@@ -21,10 +21,12 @@ from pacs_node.cli.options import (
 from pacs_node.cli.output import DETAIL_LINES, audit_event, echo_capped, iso
 from pacs_node.config import Config
 from pacs_node.index import IndexFailure
-from pacs_node.parts import describe_target
+from pacs_node.index.restore import index_file_problem
+from pacs_node.parts import build_replication_target, describe_target
 from pacs_node.progress import ProgressBar
 from pacs_node.replication.drill import DrillReport
 from pacs_node.replication.drill import drill as run_drill
+from pacs_node.replication.reindex import move_aside
 from pacs_node.replication.restore import (
     NothingToRestore,
     Problem,
@@ -33,22 +35,40 @@ from pacs_node.replication.restore import (
     RestoreReport,
 )
 from pacs_node.replication.restore import restore as restore_index
-from pacs_node.storage.target import TargetError
+from pacs_node.storage.target import ReplicationTarget, TargetError
+
+EXIT_PROBLEMS = 3
+
+EXIT_CODES = """Exit codes: 0 the index is installed and whole: every instance in the snapshot or
+the bucket or the cache is indexed, and every bucket copy was checked as asked (--verify:
+hashed; else the unhashed ones are UNVERIFIED, counted in the summary, and `pacs-node
+verify` settles them); also 0 when --if-missing finds nothing to do. 3 the index is installed
+but not whole: an instance was LOST (its bytes exist nowhere), an object could not be
+indexed (skipped), a bucket copy's SIZE DIFFERS or is CORRUPT (--verify), or a cached file
+is DAMAGED; each is named (a --dry-run that finds such problems exits 3 too). 1 nothing was
+installed: the bucket unreachable, nothing to restore, the result failed its check, or the
+node runs. 2 bad configuration or usage; nothing done."""
 
 
-@click.command()
+class Incomplete(CommandError):
+    """Exit 3: the index was installed, but something is lost or damaged (named above)."""
+
+    exit_code = EXIT_PROBLEMS
+
+
+@click.command(epilog=EXIT_CODES)
 @config_options
 @click.option(
     "--dry-run",
     is_flag=True,
     help="Say what would be restored (the snapshot is fetched and checked in a temporary "
-    "directory, the bucket listed); write nothing.",
+    "directory, the bucket listed, the cache read); write nothing.",
 )
 @click.option(
     "--if-missing",
     is_flag=True,
-    help="Do nothing (exit 0) when an index exists, and when the bucket holds nothing: safe "
-    "to run at every boot before `serve`.",
+    help="Do nothing (exit 0) when a sound index exists, and when the bucket and the cache "
+    "hold nothing: safe to run at every boot before `serve`.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing index (stop the node first).")
 @click.option(
@@ -60,7 +80,8 @@ from pacs_node.storage.target import TargetError
 @click.option(
     "--verify",
     is_flag=True,
-    help="Also hash every object against its SHA-256 (downloads the whole bucket).",
+    help="Also hash every object not otherwise checked against its SHA-256 (downloads "
+    "them): only then does a restored instance count as replicated at once.",
 )
 @concurrency_option
 def restore(
@@ -72,49 +93,49 @@ def restore(
     verify: bool,
     concurrency: int,
 ) -> None:
-    """Rebuild the index from the bucket, on a new machine with only this config.
+    """Rebuild the index from the bucket (and the cache, if any of it survived).
 
     Fetches the newest index snapshot from <prefix>/index/snapshots/ (checked: SHA-256 from
     its manifest, SQLite integrity check; a damaged one is reported and the previous one is
     tried, then object metadata alone), then indexes every object under <prefix>/instances/
     that the snapshot does not cover from the object itself (its metadata, and the C-FIND
-    attributes from its first 64 KiB). Restored instances are evicted (their bytes are read
-    from the bucket on demand) and replicated: nothing is uploaded again. The index is built
-    beside the final one and renamed into place only once complete and checked. The bucket
-    is only read.
+    attributes from its first 64 KiB). Instance files in the local cache are adopted: a
+    file that hashes to the instance's SHA-256 stays cached, is compared with its bucket
+    copy (ETag or read-back) and, when the bucket lacks it or holds other bytes, is queued
+    for upload; files the bucket and snapshot do not know are indexed from the file and
+    queued. The index is built beside the final one and renamed into place only once
+    complete and checked. The bucket is only read.
 
-    Objects that cannot be indexed (metadata or dataset unreadable) and snapshot instances
-    whose object is gone are named and left out, never fatal. Refuses to replace an existing
-    index unless --force, and refuses --force while the node answers on its port.
-
-    Exit codes: 0 restored (or nothing to do with --if-missing); 1 the restore failed (bucket
-    unreachable, nothing in the bucket, the result failed its check: nothing was installed),
-    --verify found damaged objects (the index was installed; they are named), or --force
-    while the node runs; 2 bad configuration or usage (no replication target; an index exists
-    and neither --force nor --if-missing was given).
+    A restored instance counts as replicated (storage commitment, eviction) only when its
+    bucket copy was checked against the bytes; the others are UNVERIFIED until
+    `pacs-node verify` (or `restore --verify`) hashes them. An index that fails SQLite's
+    quick check is moved aside (never deleted) and rebuilt; a sound one is replaced only with
+    --force, never while the node answers on its port.
     """
     if if_missing and force:
         raise BadInput("usage error: --if-missing and --force exclude each other")
     setup_tool_logging(config)
     target = required_target(config, "restore")
-    where = describe_target(config.replication)
     path = config.index.path
     if path.exists():
-        if if_missing:
+        problem = index_file_problem(path)
+        if problem is not None:
+            _refuse_if_running(config, "restore")
+            if dry_run:
+                click.echo(f"the index at {path} is unusable ({problem}); it would be moved aside")
+            else:
+                aside = move_aside(path)
+                click.echo(f"the index at {path} is unusable ({problem}): moved aside to {aside}")
+        elif if_missing:
             click.echo(f"index exists at {path}: nothing to do (--if-missing)")
             return
-        if not force:
+        elif not force:
             raise BadInput(
                 f"refused: an index exists at {path}; restore never replaces it unless --force "
                 "(stop the node first), and --if-missing does nothing when it exists"
             )
-        if not dry_run:
-            if _node_answers(config):
-                # Replacing the index under a running node would corrupt what it writes.
-                raise Failure(
-                    f"refused: something answers on {config.dicom.host}:{config.dicom.port}, "
-                    "probably this node; stop it before `restore --force`"
-                )
+        elif not dry_run:
+            _refuse_if_running(config, "restore --force")
             click.echo(f"--force: the index at {path} will be replaced", err=True)
     held = None if dry_run else writer_lock(config, "restore")  # noqa: F841  # held until exit
     options = RestoreOptions(
@@ -124,12 +145,95 @@ def restore(
         replace_existing=force,
         concurrency=concurrency,
     )
-    click.echo(f"restore{' (dry run)' if dry_run else ''} from {where} into {path}")
+    _rebuild(config, target, "restore", options, if_missing=if_missing)
+
+
+@click.command(epilog=EXIT_CODES)
+@config_options
+@click.option(
+    "--force", is_flag=True, help="Rebuild even a sound index (it is moved aside, not deleted)."
+)
+@click.option("--no-snapshot", is_flag=True, help="Ignore index snapshots in the bucket.")
+@click.option("--verify", is_flag=True, help="Also hash every bucket copy not otherwise checked.")
+@click.option(
+    "--no-bucket",
+    is_flag=True,
+    help="Rebuild from the cache files alone, even with replication configured (the bucket "
+    "is down): instances only the bucket holds are not indexed until `reindex --force` runs "
+    "again with the bucket back.",
+)
+@concurrency_option
+def reindex(
+    config: Config,
+    force: bool,
+    no_snapshot: bool,
+    verify: bool,
+    no_bucket: bool,
+    concurrency: int,
+) -> None:
+    """Rebuild a missing or damaged index from the cache files and the bucket together.
+
+    What `serve` asks for when it refuses to start (the cache holds instances, the index is
+    missing or fails SQLite's quick check). A damaged index is moved aside, never deleted.
+    Every instance file in the cache is read and hashed: with a bucket configured it is
+    matched with the newest index snapshot and the bucket's objects as `restore` does;
+    instances the bucket lacks are indexed from their files and queued for replication.
+    Without replication the index is rebuilt from the cache files alone (the peer address is
+    not kept in a file, and the receive time is the file's modification time).
+    """
+    setup_tool_logging(config)
+    try:
+        target = None if no_bucket else build_replication_target(config)
+    except TargetError as e:
+        raise BadInput(f"configuration error: {e}") from e
+    held = writer_lock(config, "reindex")  # noqa: F841  # held until exit
+    path = config.index.path
+    if path.exists():
+        problem = index_file_problem(path)
+        if problem is None and not force:
+            raise BadInput(
+                f"refused: the index at {path} passes its check; `reindex --force` rebuilds "
+                "it anyway (moving it aside)"
+            )
+        _refuse_if_running(config, "reindex")
+        aside = move_aside(path)
+        why = f"unusable ({problem})" if problem else "sound, --force"
+        click.echo(f"the index at {path} is {why}: moved aside to {aside}")
+    options = RestoreOptions(use_snapshot=not no_snapshot, verify=verify, concurrency=concurrency)
+    _rebuild(config, target, "reindex", options)
+
+
+def _refuse_if_running(config: Config, what: str) -> None:
+    if _node_answers(config):
+        # Replacing the index under a running node would corrupt what it writes.
+        raise Failure(
+            f"refused: something answers on {config.dicom.host}:{config.dicom.port}, "
+            f"probably this node; stop it before `{what}`"
+        )
+
+
+def _rebuild(
+    config: Config,
+    target: ReplicationTarget | None,
+    command: str,
+    options: RestoreOptions,
+    *,
+    if_missing: bool = False,
+) -> None:
+    """The restore engine run for `restore` or `reindex`, its report, audit and exit code."""
+    path = config.index.path
+    where = describe_target(config.replication) if target is not None else "no bucket"
+    dry_run, force, verify = options.dry_run, options.replace_existing, options.verify
+    click.echo(
+        f"{command}{' (dry run)' if dry_run else ''} from {where} and the cache at "
+        f"{config.storage.cache_dir} into {path}"
+    )
     try:
         report = restore_index(
             target,
             config.replication.prefix,
             path,
+            cache_root=config.storage.cache_dir,
             options=options,
             progress=ProgressBar(),
             busy_timeout_s=config.index.busy_timeout_s,
@@ -148,20 +252,34 @@ def restore(
         audit_event(
             config,
             "index_restored",
+            command=command,
             target=where,
             snapshot=report.snapshot.snapshot_key if report.snapshot else None,
             from_snapshot=report.from_snapshot,
             from_metadata=report.from_metadata,
+            from_cache=report.from_cache,
+            cached=report.cached,
             lost=len(report.lost),
             skipped=len(report.skipped),
             size_differs=len(report.size_differs),
             verified=report.verified if verify else None,
             corrupt=len(report.corrupt),
+            cache_damaged=len(report.cache_damaged),
+            requeued=len(report.requeued),
+            bucket_verified=report.bucket_verified,
+            bucket_unverified=report.bucket_unverified,
+            bucket_damaged=report.bucket_damaged,
+            queued=report.queued,
             seconds=round(report.seconds, 3),
             forced=force,
         )
-    if report.corrupt:
-        raise Failure()
+    if report.problems:
+        raise Incomplete(
+            f"{command} INCOMPLETE: {report.problems} problem(s) (lost {len(report.lost)}, "
+            f"skipped {len(report.skipped)}, size differs {len(report.size_differs)}, corrupt "
+            f"{len(report.corrupt)}, cache damaged {len(report.cache_damaged)}); "
+            + ("nothing was written" if dry_run else "the index is installed without them")
+        )
 
 
 def _node_answers(config: Config) -> bool:
@@ -192,28 +310,43 @@ def _print_restore(r: RestoreReport) -> None:
     _print_problems("skipped", r.skipped)
     _print_problems("SIZE DIFFERS", r.size_differs)
     _print_problems("CORRUPT", r.corrupt)
+    _print_problems("CACHE DAMAGED", r.cache_damaged)
+    _print_problems("REQUEUED", r.requeued)
     if r.dry_run:
         click.echo(
             f"dry run: would restore {r.instances} instances ({r.from_snapshot} from the "
-            f"snapshot, {r.from_metadata} objects to index from their metadata); "
+            f"snapshot, {r.from_metadata} objects to index from their metadata, "
+            f"{r.from_cache} files only the cache holds); "
             f"{len(r.lost)} in the snapshot without an object; {r.listed} objects listed; "
             "nothing was written"
         )
         return
     click.echo(
         f"restored {r.instances} instances ({r.from_snapshot} from the snapshot, "
-        f"{r.from_metadata} from object metadata) in {r.seconds:.1f} s "
-        f"({r.rate:.0f} instances/s); lost {len(r.lost)}, skipped {len(r.skipped)}, "
-        f"size differs {len(r.size_differs)}"
+        f"{r.from_metadata} from object metadata, {r.from_cache} from the cache alone) in "
+        f"{r.seconds:.1f} s ({r.rate:.0f} instances/s); lost {len(r.lost)}, skipped "
+        f"{len(r.skipped)}, size differs {len(r.size_differs)}"
         + (f", verified {r.verified}, corrupt {len(r.corrupt)}" if r.verified else "")
+        + (f", cache damaged {len(r.cache_damaged)}" if r.cache_damaged else "")
     )
+    click.echo(
+        f"bucket copies: {r.bucket_verified} verified, {r.bucket_unverified} unverified, "
+        f"{r.bucket_damaged} damaged; {r.queued} queued for upload from the cache; "
+        f"{r.cached} instances cached"
+    )
+    if r.bucket_unverified:
+        click.echo(
+            f"note: {r.bucket_unverified} bucket copies were not hashed and do not count as "
+            "replicated (storage commitment waits for them): run `pacs-node verify` to "
+            "settle them"
+        )
     if r.result is not None:
         click.echo(
             f"index: {r.result.patients} patients, {r.result.studies} studies, "
             f"{r.result.series} series, {r.result.instances} instances at {r.installed}"
         )
     click.echo(
-        "the node can start now: C-FIND answers at once; instance bytes are read from the "
+        "the node can start now: C-FIND answers at once; evicted instances are read from the "
         "bucket on demand"
     )
 

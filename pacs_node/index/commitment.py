@@ -19,7 +19,9 @@ class HeldInstance:
     sop_uid: str
     sop_class_uids: frozenset[str]  # one class, unless versions disagree
     versions: int
-    replicated_versions: int  # versions whose bucket copy is verified (replicated_at set)
+    # versions whose bucket copy is verified: replicated_at set and no bucket_state (a restored
+    # row whose copy was not checked against the bytes, or was found damaged, never counts)
+    replicated_versions: int
 
     @property
     def all_replicated(self) -> bool:
@@ -37,7 +39,11 @@ def held_instances(index: Index, sop_uids: Iterable[str]) -> dict[str, HeldInsta
         for start in range(0, len(wanted), PARAMS_PER_STATEMENT):
             batch = wanted[start : start + PARAMS_PER_STATEMENT]
             rows = (
-                Inst.select(Inst.sop_uid, Inst.sop_class_uid, Inst.replicated_at.is_null(False))
+                Inst.select(
+                    Inst.sop_uid,
+                    Inst.sop_class_uid,
+                    Inst.replicated_at.is_null(False) & Inst.bucket_state.is_null(),
+                )
                 .where(Inst.sop_uid.in_(batch))
                 .tuples()
             )

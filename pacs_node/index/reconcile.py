@@ -34,6 +34,7 @@ class IndexedCopy:
     cache_path: str | None  # None once evicted
     replicated_at: datetime | None
     job_state: str | None  # "pending" | "done"; None if the job row is gone
+    bucket_state: str | None = None  # "unverified" | "damaged" after a restore (schema 6)
 
     @property
     def replicated(self) -> bool:
@@ -56,6 +57,7 @@ def _select(index: Index) -> pw.ModelSelect:
             Inst.cache_path,
             Inst.replicated_at,
             Job.state,
+            Inst.bucket_state,
         )
         .join(Ser, on=(Inst.series == Ser.id))
         .join(Stu, on=(Ser.study == Stu.id))
@@ -78,6 +80,7 @@ def _copies(rows: Sequence[tuple]) -> list[IndexedCopy]:
             cache_path=r[8],
             replicated_at=as_datetime(r[9]),
             job_state=r[10],
+            bucket_state=r[11],
         )
         for r in rows
     ]
@@ -163,5 +166,5 @@ def requeue(index: Index, instance_ids: Sequence[int]) -> int:
                     ]
                 ).execute()
                 changed += len(orphans)
-            Inst.update(replicated_at=None).where(Inst.id.in_(batch)).execute()
+            Inst.update(replicated_at=None, bucket_state=None).where(Inst.id.in_(batch)).execute()
     return changed

@@ -142,7 +142,8 @@ class EvictionCandidate:
 
 @dataclass(frozen=True)
 class RestoredInstance(InstanceFacts):
-    """One instance version known from its bucket object: indexed as evicted and replicated."""
+    """One instance version known from its bucket object or a cached file: indexed where
+    restore places it (index/restore.py Placement)."""
 
     @property
     def order(self) -> tuple[datetime, int, str]:

@@ -13,7 +13,7 @@ import peewee as pw
 from playhouse.migrate import SqliteMigrator
 from playhouse.migrate import migrate as migrate_columns
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,10 @@ def build_models(database: pw.Database) -> Models:
         # and it overrides `duplicates.serve_version`.
         number_of_frames = pw.IntegerField(null=True)
         served = pw.BooleanField(null=True)
+        # What is known of the bucket copy while replicated_at is NULL and no upload is
+        # queued (since schema 6; see BUCKET_STATES): set by restore/reindex, cleared by
+        # `verify` once the copy is hashed, or by a re-upload.
+        bucket_state = pw.TextField(null=True)
 
         class Meta:
             indexes = ((("sop_uid", "version"), True),)
@@ -135,6 +139,7 @@ def _create_v1(database: pw.Database, models: Models) -> None:
     database.execute_sql("ALTER TABLE instance DROP COLUMN last_access_at")
     database.execute_sql("ALTER TABLE instance DROP COLUMN number_of_frames")
     database.execute_sql("ALTER TABLE instance DROP COLUMN served")
+    database.execute_sql("ALTER TABLE instance DROP COLUMN bucket_state")
 
 
 def _v2_job_attempt_time(database: pw.Database, models: Models) -> None:
@@ -187,6 +192,27 @@ def _v5_frames_and_served(database: pw.Database, models: Models) -> None:
     )
 
 
+# instance.bucket_state: NULL = as replication left it (replicated_at set: verified copy;
+# NULL: upload queued). 'unverified' = restore found an object of the indexed size at the key
+# but did not hash its bytes (the index stores no MD5 to compare the ETag with); 'damaged' =
+# restore found the object's size or bytes differ from the index. Neither counts as
+# replicated anywhere (storage commitment, eviction); `pacs-node verify` resolves both.
+BUCKET_UNVERIFIED = "unverified"
+BUCKET_DAMAGED = "damaged"
+BUCKET_STATES = (BUCKET_UNVERIFIED, BUCKET_DAMAGED)
+
+
+def _v6_bucket_state(database: pw.Database, models: Models) -> None:
+    # Restore marks as replicated only what it verified against the bytes; the rest carries
+    # this state until `verify` settles it. A partial index finds those rows without a scan.
+    migrator = SqliteMigrator(database)
+    migrate_columns(migrator.add_column("instance", "bucket_state", models.Instance.bucket_state))
+    database.execute_sql(
+        "CREATE INDEX instance_bucket_state ON instance (bucket_state) "
+        "WHERE bucket_state IS NOT NULL"
+    )
+
+
 # Migration N builds schema version N from N-1. Append, never edit a released one (version 1
 # is built from the current models, so it drops the columns later migrations add).
 MIGRATIONS: dict[int, Callable[[pw.Database, Models], None]] = {
@@ -195,6 +221,7 @@ MIGRATIONS: dict[int, Callable[[pw.Database, Models], None]] = {
     3: _v3_query_indexes,
     4: _v4_last_access,
     5: _v5_frames_and_served,
+    6: _v6_bucket_state,
 }
 
 

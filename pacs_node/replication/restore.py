@@ -1,23 +1,35 @@
-"""Restore: rebuild a lost node's index from the bucket alone.
+"""Restore (and reindex): rebuild a lost node's index from the bucket and whatever the local
+cache still holds.
 
     newest usable snapshot (manifest -> download -> SHA-256 -> gunzip -> integrity check)
-      | none, or all damaged: start from an empty index (said loudly, never silently)
-    list <prefix>/instances/  (key -> size)
-    every snapshot row: its object listed? yes -> restored (evicted, replicated, job done)
-                                           no  -> LOST (dropped, reported: no bytes anywhere)
+      | none, or all damaged, or no bucket: start from an empty index (said loudly)
+    list <prefix>/instances/  (key -> size, ETag)
+    read the cache: every instance file hashed (dataset SHA-256, file MD5), File Meta read
+    every snapshot row, against its object and its cached file (see _reconcile_snapshot):
+      good cached file -> cached; compared with the object (ETag = MD5, else read back):
+                          same bytes -> VERIFIED; object missing or other bytes -> upload queued
+      no good file     -> object listed, same size -> evicted, UNVERIFIED
+                          object of another size  -> evicted, DAMAGED (reported)
+                          no object               -> LOST (dropped, reported)
     every listed object the snapshot does not cover: one ranged GET of its first 64 KiB
       (metadata from the response headers, C-FIND attributes from the bytes; 16 at once),
-      indexed in big transactions; an object that does not parse is reported and skipped
-    [--verify: every object hashed against its indexed SHA-256]
+      indexed UNVERIFIED (its metadata's SHA-256 is a claim), or cached as above
+    every cache file neither knows: indexed from the file, upload queued
+    [--verify: every UNVERIFIED object hashed: VERIFIED, or DAMAGED and reported]
     integrity + foreign-key check -> rename into place
+
+Only VERIFIED rows are replicated (`replicated_at` set); UNVERIFIED and DAMAGED ones carry
+`instance.bucket_state` and count for nothing until `pacs-node verify` settles them.
 
 "Newer than the snapshot" is decided by set difference on the keys, not by timestamps, so an
 instance received before the snapshot but replicated after it is not missed, and one whose
-upload was still queued in the snapshot and never made it is reported, not indexed.
+upload was still queued in the snapshot and never made it is indexed from the cache if the
+cache kept it, else reported as lost.
 
 Everything is written to `<index>.restoring` beside the index and renamed into place only
 when complete and checked: a crash mid-restore leaves no index (so `--if-missing` runs again at
-the next boot), only work files that the next restore removes. The bucket is only read.
+the next boot), only work files that the next restore removes. The bucket and the cache files
+are only read.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ import gzip
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -35,7 +48,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
@@ -51,14 +64,34 @@ from pacs_node.index import Index, IndexFailure, InstanceAttributes
 from pacs_node.index.db import utcnow
 from pacs_node.index.reconcile import iter_instances
 from pacs_node.index.records import RestoredInstance
-from pacs_node.index.restore import RestoreWriter, check_complete, drop_instances, mark_restored
+from pacs_node.index.restore import (
+    DAMAGED,
+    UNVERIFIED,
+    UPLOAD,
+    VERIFIED,
+    Placement,
+    RestoreWriter,
+    bucket_state_counts,
+    check_complete,
+    confirm_bucket_copies,
+    drop_instances,
+    mark_restored,
+    unverified_copies,
+)
 from pacs_node.index.snapshot import SnapshotFacts, facts, inspect_copy
 from pacs_node.progress import NullProgress, Progress
+from pacs_node.replication.reindex import (
+    CachedFile,
+    NotAnInstanceFile,
+    instance_files,
+    read_cached,
+)
 from pacs_node.replication.snapshot import Manifest, list_snapshots, read_manifest
-from pacs_node.storage.layout import InvalidUID, instances_prefix, object_key
+from pacs_node.storage.layout import InvalidUID, instances_prefix, locate, object_key
 from pacs_node.storage.target import (
     ObjectMeta,
     PermanentTargetError,
+    RemoteObject,
     ReplicationTarget,
     TransientTargetError,
 )
@@ -66,6 +99,7 @@ from pacs_node.storage.target import (
 log = logging.getLogger(__name__)
 
 PREFIX_BYTES = 64 * 1024
+_MD5_RE = re.compile(r"^[0-9a-f]{32}$")
 _CHUNK = 1024 * 1024
 _TRIES = 3  # per object, on top of botocore's own retries, before the restore gives up
 _T = TypeVar("_T")
@@ -117,14 +151,38 @@ class RestoreReport:
     skipped: list[Problem] = field(default_factory=list)  # objects that could not be indexed
     size_differs: list[Problem] = field(default_factory=list)  # object size != indexed size
     corrupt: list[Problem] = field(default_factory=list)  # --verify: bytes != SHA-256
-    verified: int = 0
+    # A cached file whose bytes are not the indexed ones: left in place, not used.
+    cache_damaged: list[Problem] = field(default_factory=list)
+    # A damaged or missing bucket copy with a good cached one: queued for upload (repaired).
+    requeued: list[Problem] = field(default_factory=list)
+    from_cache: int = 0  # instances only the cache held: indexed from the file, queued
+    cached: int = 0  # rows restored with their cached file (the rest are evicted)
+    verified: int = 0  # objects hashed by --verify
+    # What the installed index holds: bucket copies verified (replicated), unverified,
+    # damaged; uploads queued.
+    bucket_verified: int = 0
+    bucket_unverified: int = 0
+    bucket_damaged: int = 0
+    queued: int = 0
     seconds: float = 0.0
     result: SnapshotFacts | None = None  # what the installed index holds
     installed: Path | None = None
 
     @property
     def instances(self) -> int:
-        return self.from_snapshot + self.from_metadata
+        return self.from_snapshot + self.from_metadata + self.from_cache
+
+    @property
+    def problems(self) -> int:
+        """Instances lost, objects not indexed, copies that differ: the restore is not whole
+        (`pacs-node restore` exits 3)."""
+        return (
+            len(self.lost)
+            + len(self.skipped)
+            + len(self.size_differs)
+            + len(self.corrupt)
+            + len(self.cache_damaged)
+        )
 
     @property
     def rate(self) -> float:
@@ -132,18 +190,20 @@ class RestoreReport:
 
 
 def restore(
-    target: ReplicationTarget,
+    target: ReplicationTarget | None,
     prefix: str,
     index_path: Path,
     *,
+    cache_root: Path | None = None,
     options: RestoreOptions | None = None,
     progress: Progress | None = None,
     busy_timeout_s: float = 10.0,
     on_note: Callable[[str], None] | None = None,
 ) -> RestoreReport:
-    """Rebuild the index at `index_path` from the bucket (see the module docstring).
+    """Rebuild the index at `index_path` from the bucket (`target`, None: none) and the
+    instance files under `cache_root` (None: no cache to adopt); see the module docstring.
 
-    Raises NothingToRestore when the prefix holds nothing, RestoreError when the restore
+    Raises NothingToRestore when neither holds anything, RestoreError when the restore
     cannot complete (nothing is installed then). The caller checks beforehand whether an
     index exists; without `replace_existing` the final link refuses to replace one.
     """
@@ -160,7 +220,9 @@ def restore(
 
     with _workspace(index_path, options.dry_run) as work:
         manifest = None
-        if options.use_snapshot:
+        if target is None:
+            note("no replication target: rebuilding the index from the cache files alone")
+        elif options.use_snapshot:
             manifest = _fetch_snapshot(target, prefix, work, note)
         else:
             note("--no-snapshot: rebuilding the whole index from object metadata")
@@ -168,27 +230,63 @@ def restore(
         index = Index(work.db, busy_timeout_s=busy_timeout_s)
         try:
             index.open()
-            listing = _list(target, instances_prefix(prefix), progress)
+            listing = (
+                _list(target, instances_prefix(prefix), progress) if target is not None else {}
+            )
             report.listed = len(listing)
-            if manifest is None and not listing:
-                where = f"{target.description} under {instances_prefix(prefix)}"
+            cached = _scan_cache(cache_root, options, report, progress) if cache_root else {}
+            if manifest is None and not listing and not cached:
+                where = (
+                    f"{target.description} under {instances_prefix(prefix)}"
+                    if target is not None
+                    else "no bucket"
+                )
                 raise NothingToRestore(
-                    f"nothing to restore: no snapshot and no instance object in {where} "
-                    "(check replication.bucket and replication.prefix)"
+                    f"nothing to restore: no snapshot and no instance object in {where}, and "
+                    "no instance file in the cache (check replication.bucket, "
+                    "replication.prefix and storage.cache_dir)"
                 )
             now = utcnow()
             if manifest is not None:
-                _reconcile_snapshot(index, prefix, listing, report, note, now)
+                assert target is not None
+                _reconcile_snapshot(
+                    index, target, prefix, listing, cached, report, note, now, options
+                )
             if options.dry_run:
                 report.from_metadata = len(listing)
+                report.from_cache = len(cached)
             else:
-                _index_objects(index, target, prefix, listing, work, options, report, progress)
+                writer = RestoreWriter(index)
+                if target is not None:
+                    _index_objects(
+                        index,
+                        writer,
+                        target,
+                        prefix,
+                        listing,
+                        cached,
+                        work,
+                        options,
+                        report,
+                        progress,
+                    )
+                _index_cache_only(writer, cached, options, report, progress)
                 if report.skipped:
                     note(f"{len(report.skipped)} object(s) could not be indexed (listed below)")
-                if options.verify:
+                if options.verify and target is not None:
                     _verify(index, target, prefix, options, report, progress)
                 check_complete(index)
                 report.result = facts(index)
+                states = bucket_state_counts(index)
+                report.bucket_unverified = states.get(UNVERIFIED, 0)
+                report.bucket_damaged = states.get(DAMAGED, 0)
+                report.queued = index.replication_counts().pending
+                report.bucket_verified = (
+                    report.result.instances
+                    - report.bucket_unverified
+                    - report.bucket_damaged
+                    - report.queued
+                )
         except IndexFailure as e:
             raise RestoreError(f"writing the restored index {work.db}: {e}") from e
         finally:
@@ -199,18 +297,103 @@ def restore(
     report.seconds = time.perf_counter() - started
     log.info(
         "event=restore_completed dry_run=%s snapshot=%s from_snapshot=%d from_metadata=%d "
-        "lost=%d skipped=%d size_differs=%d corrupt=%d seconds=%.1f",
+        "from_cache=%d cached=%d lost=%d skipped=%d size_differs=%d corrupt=%d "
+        "cache_damaged=%d requeued=%d bucket_verified=%d bucket_unverified=%d "
+        "bucket_damaged=%d queued=%d seconds=%.1f",
         options.dry_run,
         manifest.snapshot_key if manifest else None,
         report.from_snapshot,
         report.from_metadata,
+        report.from_cache,
+        report.cached,
         len(report.lost),
         len(report.skipped),
         len(report.size_differs),
         len(report.corrupt),
+        len(report.cache_damaged),
+        len(report.requeued),
+        report.bucket_verified,
+        report.bucket_unverified,
+        report.bucket_damaged,
+        report.queued,
         report.seconds,
     )
     return report
+
+
+# -- the surviving cache ------------------------------------------------------------------------
+
+
+def _scan_cache(
+    cache_root: Path, options: RestoreOptions, report: RestoreReport, progress: Progress
+) -> dict[str, CachedFile]:
+    """Every instance file of the cache, hashed, by relative path (= its key below the
+    instances prefix). A file that is not one is reported and left where it is."""
+    files = instance_files(cache_root)
+    found: dict[str, CachedFile] = {}
+    if not files:
+        return found
+    by_name = {str(p): p for p in files}
+
+    def read(name: str) -> CachedFile | Problem:
+        path = by_name[name]
+        try:
+            return read_cached(cache_root, path)
+        except NotAnInstanceFile as e:
+            return Problem(str(path), None, None, f"cache file not indexed, left in place: {e}")
+
+    progress.begin("reading the cache", len(files))
+    try:
+        for outcome in _parallel(read, sorted(by_name), options.concurrency):
+            progress.advance()
+            if isinstance(outcome, Problem):
+                _skip_file(report, outcome)
+            else:
+                found[outcome.relative_path] = outcome
+    finally:
+        progress.end()
+    return found
+
+
+def _skip_file(report: RestoreReport, problem: Problem) -> None:
+    report.skipped.append(problem)
+    log.warning("event=restore_cache_file_skipped path=%s", problem.key)
+
+
+def _same_bytes(
+    target: ReplicationTarget, key: str, remote: RemoteObject, cached: CachedFile
+) -> str | None:
+    """None when the object at `key` holds the cached file's bytes, else how it differs:
+    by its ETag where that is the MD5 of the content, else by reading it back."""
+    if remote.size != cached.size:
+        return f"the object has {remote.size} bytes, the good cached file {cached.size}"
+    etag = remote.etag or ""
+    if target.etag_is_content_md5 and _MD5_RE.match(etag):
+        return None if etag == cached.md5 else f"its ETag {etag} is not the cached file's MD5"
+    got = _with_retries(lambda: target.digest(key, cached.dataset_offset))
+    if got is None:
+        return "the object vanished"
+    if got.size != cached.size or got.dataset_sha256 != cached.sha256:
+        return f"read back, its dataset SHA-256 is {got.dataset_sha256}"
+    return None
+
+
+def _cache_damaged(report: RestoreReport, key: str, cached: CachedFile, sop_uid: str) -> None:
+    report.cache_damaged.append(
+        Problem(
+            key,
+            sop_uid,
+            cached.version,
+            f"the cached file {cached.relative_path} does not hash to the instance's SHA-256 "
+            f"(dataset SHA-256 {cached.sha256}); left in place, not used",
+        )
+    )
+    log.error(
+        "event=restore_cache_file_damaged sop_uid=%s version=%d path=%s",
+        sop_uid,
+        cached.version,
+        cached.relative_path,
+    )
 
 
 # -- work files ---------------------------------------------------------------------------------
@@ -373,42 +556,114 @@ def _clean_snapshot(work: _Work) -> None:
 
 def _reconcile_snapshot(
     index: Index,
+    target: ReplicationTarget,
     prefix: str,
-    listing: dict[str, int],
+    listing: dict[str, RemoteObject],
+    cached: dict[str, CachedFile],
     report: RestoreReport,
     note: Callable[[str], None],
     now: datetime,
+    options: RestoreOptions,
 ) -> None:
-    """Keep the snapshot rows whose object is listed (taking it off the listing: what is left
-    is newer than the snapshot), drop the others as lost, mark the rest restored."""
+    """Decide each snapshot row against the bucket listing and the cache (taking its object
+    off the listing and its file off `cached`: what is left is newer than the snapshot):
+
+    object  cached file            row
+    none    good                   cached, upload queued (it never reached the bucket)
+    none    none or damaged        dropped: LOST (its bytes exist nowhere)
+    size =  good, same bytes       cached, VERIFIED (ETag = MD5 of the file, or read back)
+    size =  good, other bytes      cached, upload queued (the bucket copy is replaced)
+    size =  none or damaged        evicted, UNVERIFIED (`verify` or --verify hashes it)
+    size != good                   cached, upload queued
+    size != none or damaged        evicted, DAMAGED (reported)
+    """
     lost_ids: list[int] = []
+    placements: dict[int, Placement] = {}
+    to_compare: dict[str, tuple[int, str, RemoteObject, CachedFile, str, int]] = {}
     for copy in iter_instances(index):
         key = _key(prefix, copy.study_uid, copy.series_uid, copy.sop_uid, copy.version)
-        size = listing.pop(key, None) if key is not None else None
-        if size is None:
+        relative = _relative(prefix, key)
+        remote = listing.pop(key, None) if key is not None else None
+        mine = cached.pop(relative, None) if relative is not None else None
+        good = mine is not None and mine.matches(copy.sha256, copy.file_size)
+        if mine is not None and not good:
+            assert key is not None
+            _cache_damaged(report, key, mine, copy.sop_uid)
+        if remote is None:
+            if good:
+                assert mine is not None
+                placements[copy.instance_id] = Placement(mine.relative_path, UPLOAD)
+                report.cached += 1
+                report.from_snapshot += 1
+                continue
             why = "indexed in the snapshot, but its object is not in the bucket"
             if not copy.replicated:
                 why += " (its upload was still queued when the snapshot was taken)"
+            why += " and no good copy is in the cache"
             report.lost.append(Problem(key or "?", copy.sop_uid, copy.version, why))
             lost_ids.append(copy.instance_id)
             continue
-        if size != copy.file_size:
+        assert key is not None
+        report.from_snapshot += 1
+        if good:
+            assert mine is not None
+            report.cached += 1
+            if remote.size != copy.file_size:
+                placements[copy.instance_id] = Placement(mine.relative_path, UPLOAD)
+                report.requeued.append(
+                    Problem(
+                        key,
+                        copy.sop_uid,
+                        copy.version,
+                        f"the object has {remote.size} bytes, the index says "
+                        f"{copy.file_size}; queued for upload from the good cached file",
+                    )
+                )
+            else:
+                to_compare[key] = (copy.instance_id, key, remote, mine, copy.sop_uid, copy.version)
+            continue
+        if remote.size != copy.file_size:
+            placements[copy.instance_id] = Placement(None, DAMAGED)
             report.size_differs.append(
                 Problem(
                     key,
                     copy.sop_uid,
                     copy.version,
-                    f"the object has {size} bytes, the index says {copy.file_size}",
+                    f"the object has {remote.size} bytes, the index says {copy.file_size}",
                 )
             )
-        report.from_snapshot += 1
+        # else: evicted and UNVERIFIED, mark_restored's default
+
+    def compare(key: str) -> tuple[str, str | None]:
+        remote, mine = to_compare[key][2:4]
+        return key, _same_bytes(target, key, remote, mine)
+
+    if to_compare:
+        for key, differs in _parallel(compare, sorted(to_compare), options.concurrency):
+            instance_id, _k, _remote, mine, sop_uid, version = to_compare[key]
+            if differs is None:
+                placements[instance_id] = Placement(mine.relative_path, VERIFIED)
+            else:
+                placements[instance_id] = Placement(mine.relative_path, UPLOAD)
+                report.requeued.append(
+                    Problem(key, sop_uid, version, f"{differs}; queued for upload from it")
+                )
     if lost_ids:
         drop_instances(index, lost_ids)
         note(
             f"{len(lost_ids)} instance(s) in the snapshot have no object in the bucket and "
-            "were left out (listed below): their bytes exist nowhere"
+            "no good file in the cache, and were left out (listed below): their bytes exist "
+            "nowhere"
         )
-    mark_restored(index, now)
+    mark_restored(index, now, placements)
+
+
+def _relative(prefix: str, key: str | None) -> str | None:
+    """The cache's relative path of an instance key (they are the same below the prefix)."""
+    if key is None:
+        return None
+    head = instances_prefix(prefix)
+    return key[len(head) :] if key.startswith(head) else None
 
 
 def _key(prefix: str, study: str, series: str, sop: str, version: int) -> str | None:
@@ -418,8 +673,8 @@ def _key(prefix: str, study: str, series: str, sop: str, version: int) -> str | 
         return None
 
 
-def _list(target: ReplicationTarget, prefix: str, progress: Progress) -> dict[str, int]:
-    listed: dict[str, int] = {}
+def _list(target: ReplicationTarget, prefix: str, progress: Progress) -> dict[str, RemoteObject]:
+    listed: dict[str, RemoteObject] = {}
     progress.begin(f"listing {target.description}", None)
     try:
         for attempt in range(1, _TRIES + 1):
@@ -428,7 +683,7 @@ def _list(target: ReplicationTarget, prefix: str, progress: Progress) -> dict[st
                 for obj in target.list_objects(prefix):
                     if obj.key not in listed:
                         progress.advance()
-                    listed[obj.key] = obj.size
+                    listed[obj.key] = obj
                 break
             except TransientTargetError:
                 if attempt == _TRIES:
@@ -444,18 +699,24 @@ def _list(target: ReplicationTarget, prefix: str, progress: Progress) -> dict[st
 
 def _index_objects(
     index: Index,
+    writer: RestoreWriter,
     target: ReplicationTarget,
     prefix: str,
-    listing: dict[str, int],
+    listing: dict[str, RemoteObject],
+    cached: dict[str, CachedFile],
     work: _Work,
     options: RestoreOptions,
     report: RestoreReport,
     progress: Progress,
 ) -> None:
-    writer = RestoreWriter(index)
+    """Index the objects the snapshot does not cover. One whose file the cache also holds is
+    indexed cached: VERIFIED when the object holds the same bytes, else queued for upload
+    (the cached file hashes to the SHA-256 recorded at receipt, which the object's metadata
+    carries). Files taken from `cached` here are not indexed again."""
     reader = _ObjectReader(target, prefix, work.scratch, options.prefix_bytes)
-    pending: list[RestoredInstance] = []
+    pending: list[tuple[RestoredInstance, Placement]] = []
     now = utcnow()
+    handled: set[str] = set()
 
     def flush() -> None:
         added = writer.add(pending, now)
@@ -473,11 +734,56 @@ def _index_objects(
             )
         pending.clear()
 
+    def read(key: str) -> tuple[str, RestoredInstance | Problem, Placement | None, Problem | None]:
+        """(key, what the object gives, where the row's bytes are, a finding to report)."""
+        outcome = reader.read(key)
+        relative = _relative(prefix, key)
+        mine = cached.get(relative) if relative is not None else None
+        if mine is None:
+            return (
+                key,
+                outcome,
+                None if isinstance(outcome, Problem) else Placement(None, UNVERIFIED),
+                None,
+            )
+        if isinstance(outcome, Problem):
+            # The cache holds it: indexed from the file, and uploaded again over this object.
+            return key, outcome, None, None
+        if mine.sha256 != outcome.sha256:
+            return key, outcome, Placement(None, UNVERIFIED), None
+        from_file = replace(
+            outcome,
+            file_size=mine.size,
+            dataset_offset=mine.dataset_offset,
+            transfer_syntax_uid=mine.transfer_syntax_uid,
+        )
+        differs = _same_bytes(target, key, listing[key], mine)
+        if differs is None:
+            return key, from_file, Placement(mine.relative_path, VERIFIED), None
+        finding = Problem(
+            key, outcome.attributes.sop_uid, outcome.version, f"{differs}; queued for upload"
+        )
+        return key, from_file, Placement(mine.relative_path, UPLOAD), finding
+
     progress.begin("indexing objects newer than the snapshot", len(listing))
     try:
-        for outcome in _parallel(reader.read, sorted(listing), options.concurrency):
+        for key, outcome, placement, finding in _parallel(
+            read, sorted(listing), options.concurrency
+        ):
             progress.advance()
+            relative = _relative(prefix, key)
+            mine = cached.get(relative) if relative is not None else None
             if isinstance(outcome, Problem):
+                if mine is not None:
+                    report.requeued.append(
+                        Problem(
+                            key,
+                            mine.sop_uid,
+                            mine.version,
+                            f"{outcome.detail}; indexed from the cached file and queued for upload",
+                        )
+                    )
+                    continue  # left in `cached`: indexed from the file
                 report.skipped.append(outcome)
                 log.warning(
                     "event=restore_object_skipped key=%s sop_uid=%s reason=%r",
@@ -486,12 +792,80 @@ def _index_objects(
                     outcome.detail,
                 )
                 continue
-            pending.append(outcome)
+            assert placement is not None
+            if mine is not None:
+                assert relative is not None
+                handled.add(relative)
+                if placement.cache_path is None:
+                    _cache_damaged(report, key, mine, outcome.attributes.sop_uid)
+                else:
+                    report.cached += 1
+            if finding is not None:
+                report.requeued.append(finding)
+            pending.append((outcome, placement))
             if len(pending) >= options.batch:
                 flush()
         flush()
     finally:
         progress.end()
+    for relative in handled:
+        cached.pop(relative, None)
+
+
+def _index_cache_only(
+    writer: RestoreWriter,
+    cached: dict[str, CachedFile],
+    options: RestoreOptions,
+    report: RestoreReport,
+    progress: Progress,
+) -> None:
+    """Files that neither the snapshot nor the bucket know: indexed from the file alone,
+    cached, their replication job pending (the bucket never had them)."""
+    if not cached:
+        return
+    now = utcnow()
+    pending: list[tuple[RestoredInstance, Placement]] = []
+
+    def read(relative: str) -> RestoredInstance | Problem:
+        mine = cached[relative]
+        try:
+            return mine.as_restored()
+        except NotAnInstanceFile as e:
+            return Problem(str(mine.path), mine.sop_uid, mine.version, f"cache file: {e}")
+
+    def flush() -> None:
+        added = writer.add(pending, now)
+        report.from_cache += added.added
+        report.cached += added.added
+        for item in added.conflicts:
+            report.skipped.append(
+                Problem(
+                    "?",
+                    item.attributes.sop_uid,
+                    item.version,
+                    "a cache file of an instance version already indexed",
+                )
+            )
+        pending.clear()
+
+    progress.begin("indexing instances only the cache holds", len(cached))
+    try:
+        for outcome in _parallel(read, sorted(cached), options.concurrency):
+            progress.advance()
+            if isinstance(outcome, Problem):
+                _skip_file(report, outcome)
+                continue
+            a = outcome.attributes
+            relative = str(
+                locate(a.study_uid, a.series_uid, a.sop_uid, outcome.version).relative_path()
+            )
+            pending.append((outcome, Placement(relative, UPLOAD)))
+            if len(pending) >= options.batch:
+                flush()
+        flush()
+    finally:
+        progress.end()
+    cached.clear()
 
 
 class _ObjectReader:
@@ -621,20 +995,21 @@ def _verify(
     report: RestoreReport,
     progress: Progress,
 ) -> None:
-    """Hash every restored instance's object against the SHA-256 the index holds."""
+    """Hash every object restore could not check otherwise (the UNVERIFIED rows) against
+    the SHA-256 the index holds: a match makes the row replicated, a mismatch DAMAGED."""
     copies = {}
-    for copy in iter_instances(index):
+    for copy in unverified_copies(index):
         key = _key(prefix, copy.study_uid, copy.series_uid, copy.sop_uid, copy.version)
         if key is not None:
             copies[key] = copy
 
-    def check(key: str) -> Problem | None:
+    def check(key: str) -> tuple[str, Problem | None]:
         copy = copies[key]
         got = _with_retries(lambda: target.digest(key, copy.dataset_offset))
         if got is None:
-            return Problem(key, copy.sop_uid, copy.version, "the object vanished")
+            return key, Problem(key, copy.sop_uid, copy.version, "the object vanished")
         if got.size != copy.file_size or got.dataset_sha256 != copy.sha256:
-            return Problem(
+            return key, Problem(
                 key,
                 copy.sop_uid,
                 copy.version,
@@ -642,20 +1017,26 @@ def _verify(
                 f"{got.dataset_sha256}, {got.size} bytes; indexed {copy.sha256}, "
                 f"{copy.file_size} bytes)",
             )
-        return None
+        return key, None
 
+    good: list[int] = []
+    bad: list[int] = []
     progress.begin("verifying every object", len(copies))
     try:
-        for problem in _parallel(check, sorted(copies), options.concurrency):
+        for key, problem in _parallel(check, sorted(copies), options.concurrency):
             progress.advance()
             report.verified += 1
-            if problem is not None:
-                report.corrupt.append(problem)
-                log.error(
-                    "event=restore_object_corrupt key=%s sop_uid=%s version=%s",
-                    problem.key,
-                    problem.sop_uid,
-                    problem.version,
-                )
+            if problem is None:
+                good.append(copies[key].instance_id)
+                continue
+            bad.append(copies[key].instance_id)
+            report.corrupt.append(problem)
+            log.error(
+                "event=restore_object_corrupt key=%s sop_uid=%s version=%s",
+                problem.key,
+                problem.sop_uid,
+                problem.version,
+            )
     finally:
         progress.end()
+    confirm_bucket_copies(index, good, bad)

@@ -16,7 +16,9 @@ arrived, before Success was sent). For each instance version checked:
 A bucket copy is checked by its ETag when that is cheap and meaningful (the store computed an
 MD5 of the bytes it holds and the cached file was just hashed), else by downloading it.
 Instances whose upload is still queued are not looked for in the bucket while the cache is
-good: the queue owns them.
+good: the queue owns them. A restored row whose bucket copy restore did not check
+(`bucket_state` unverified or damaged) is checked like a replicated one: a good copy makes it
+replicated ("confirmed"), a bad one leaves it not replicated (marked damaged).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pacs_node.index.reconcile import (
     requeue,
     sample_instances,
 )
+from pacs_node.index.restore import confirm_bucket_copies
 from pacs_node.progress import NullProgress, Progress
 from pacs_node.retrieve.readback import MISMATCH, Readback, ReadbackFailed
 from pacs_node.storage.cache import Cache, FileDigest, digest_file
@@ -80,6 +83,7 @@ class VerifyReport:
     bucket_not_checked: int = 0  # upload still queued, or no bucket to check
     healed: list[tuple[str, int]] = field(default_factory=list)
     requeued: list[tuple[str, int]] = field(default_factory=list)
+    confirmed: list[tuple[str, int]] = field(default_factory=list)  # restored rows settled
     unrecoverable: list[Unrecoverable] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
@@ -97,6 +101,7 @@ class VerifyReport:
             "bucket_not_checked": self.bucket_not_checked,
             "healed": len(self.healed),
             "requeued": len(self.requeued),
+            "confirmed": len(self.confirmed),
             "unrecoverable": len(self.unrecoverable),
         }
 
@@ -163,12 +168,27 @@ class _Verifier:
         self._audit = audit
         self._readback = Readback(cache, index, target, prefix, audit)
         self._requeue_ids: list[int] = []
+        self._confirmed_ids: list[int] = []
+        self._damaged_ids: list[int] = []
         self.report = VerifyReport()
 
     def flush(self) -> None:
         if self._requeue_ids:
             requeue(self._index, self._requeue_ids)
             self._requeue_ids.clear()
+        if self._confirmed_ids or self._damaged_ids:
+            confirm_bucket_copies(self._index, self._confirmed_ids, self._damaged_ids)
+            self._confirmed_ids.clear()
+            self._damaged_ids.clear()
+
+    def _confirm(self, copy: IndexedCopy) -> None:
+        """A restored row's bucket copy was just found good: it now counts as replicated."""
+        if copy.bucket_state is None:
+            return
+        self.report.confirmed.append((copy.sop_uid, copy.version))
+        self._confirmed_ids.append(copy.instance_id)
+        if len(self._confirmed_ids) >= _REQUEUE_BATCH:
+            self.flush()
 
     def check(self, copy: IndexedCopy) -> None:
         self.report.checked += 1
@@ -177,7 +197,7 @@ class _Verifier:
         if state == "ok":
             assert digest is not None
             self.report.cache_ok += 1
-            if self._target is None or not copy.replicated:
+            if self._target is None or not (copy.replicated or copy.bucket_state):
                 self.report.bucket_not_checked += 1
                 return
             self._check_bucket_against_good_cache(copy, key, digest)
@@ -295,6 +315,7 @@ class _Verifier:
         state, why = self._bucket_state(copy, key, cached)
         if state == "ok":
             self.report.bucket_ok += 1
+            self._confirm(copy)
             return
         if state == "missing":
             self.report.bucket_missing += 1
@@ -331,6 +352,7 @@ class _Verifier:
         state, why = self._bucket_state(copy, key, None)
         if state == "ok":
             self.report.bucket_ok += 1
+            self._confirm(copy)
             return
         if state == "missing":
             self.report.bucket_missing += 1
@@ -338,6 +360,8 @@ class _Verifier:
             self.report.bucket_corrupt += 1
         else:
             self.report.bucket_conflict += 1
+        if copy.bucket_state is not None:
+            self._damaged_ids.append(copy.instance_id)
         self._unrecoverable(copy, f"not in the cache and the bucket copy is {state}: {why}")
 
     def _unrecoverable(self, copy: IndexedCopy, reason: str) -> None:
