@@ -6,8 +6,10 @@ Implicit on a C-GET context offering both; a compressed instance never decoded."
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,8 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
 from pydicom.uid import (
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
@@ -25,7 +29,9 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE, build_role, evt
+from pynetdicom.presentation import PresentationContext
 
+from pacs_node.dimse.negotiation import negotiate_storage, syntax_to_send_in
 from pacs_node.storage.convert import SWAP_WIDTH
 from tests.conftest import NODE_AE, RunningNode
 from tests.factory import Made, base_dataset, dataset_bytes_sha256, write_instance
@@ -103,6 +109,36 @@ def little_endian_values(original: Dataset) -> dict[Any, Any]:
 
 def assert_same_instance(received: Dataset, m: Made) -> None:
     assert element_values(received) == little_endian_values(dcmread(m.path))
+
+
+# -- negotiation ---------------------------------------------------------------------------------
+
+
+def test_syntax_to_send_in() -> None:
+    assert syntax_to_send_in(GETSCU_OFFER) == EXPLICIT
+    assert syntax_to_send_in([DEFLATED, IMPLICIT]) == IMPLICIT
+    assert syntax_to_send_in([BE, DEFLATED]) == BE  # no little endian offered: the first
+    assert syntax_to_send_in([JPEGLSLossless, EXPLICIT]) == JPEGLSLossless  # compressed first
+
+
+def _context(context_id: int, syntaxes: list[str]) -> PresentationContext:
+    cx = PresentationContext()
+    cx.context_id = context_id
+    cx.abstract_syntax = CTImageStorage
+    cx.transfer_syntax = syntaxes
+    return cx
+
+
+def test_only_contexts_the_node_sends_on_are_renegotiated() -> None:
+    """The peer's first syntax stays on a context it stores on (no SCP role requested): the
+    bytes are kept as received; with the SCP role, the node's choice."""
+    offer = [_context(1, GETSCU_OFFER)]
+    stored_on, _ = negotiate_storage(offer, [], None)
+    assert [str(cx.transfer_syntax[0]) for cx in stored_on] == [IMPLICIT]
+    sent_on, roles = negotiate_storage(offer, [], {CTImageStorage: (False, True)})
+    assert [str(cx.transfer_syntax[0]) for cx in sent_on] == [EXPLICIT]
+    assert sent_on[0].as_scu and not sent_on[0].as_scp
+    assert len(roles) == 1
 
 
 # -- C-GET: pynetdicom's bundled getscu --------------------------------------------------------
@@ -193,12 +229,7 @@ def get(
 
 def read_dataset_bytes(data: bytes, syntax: str) -> Dataset:
     """A received dataset (no File Meta) read as pydicom reads a file in `syntax`."""
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filereader import read_dataset
-
     if syntax == DEFLATED:
-        import zlib
-
         data = zlib.decompress(data, -zlib.MAX_WBITS)
     return read_dataset(DicomBytesIO(data), syntax == IMPLICIT, syntax != BE)
 
@@ -217,8 +248,6 @@ def test_pynetdicom_get_keeps_offered_syntaxes_and_converts_otherwise(
     assert final.Status == SUCCESS, f"0x{final.Status:04X}"
     assert {uid: ts for uid, (ts, _) in got.items()} == dict.fromkeys(rows, EXPLICIT)
     assert dataset_bytes_sha256(explicit.path) == rows[explicit.sop_uid]
-    import hashlib
-
     assert hashlib.sha256(got[explicit.sop_uid][1]).hexdigest() == rows[explicit.sop_uid]
     for m in (be, deflated):
         received = read_dataset_bytes(got[m.sop_uid][1], EXPLICIT)
