@@ -52,7 +52,8 @@ log = logging.getLogger(__name__)
 
 _MAX_FAILED_UIDS_AUDITED = 1000
 
-Store = Callable[[VerifiedCopy[RetrieveItem]], int]  # sends one instance, returns its status
+# Sends one instance, returns the status its C-STORE-RSP carried (None: a response without one).
+Store = Callable[[VerifiedCopy[RetrieveItem]], int | None]
 
 
 @dataclass
@@ -72,17 +73,20 @@ class Tally:
     def counts(self, *, with_remaining: bool) -> tuple[int, int, int, int]:
         return (self.remaining if with_remaining else -1, self.completed, self.failed, self.warning)
 
-    def count(self, item: RetrieveItem, status: int) -> None:
-        """A sub-operation sent, with the status the destination answered."""
+    def count(self, item: RetrieveItem, status: int | None) -> None:
+        """A sub-operation sent, with the status the destination answered (None: its response
+        carried none, counted failed)."""
         if status == SUCCESS:
             self.completed += 1
-        elif status & 0xF000 == 0xB000 or status == 0x0001:
+        elif status is not None and (status & 0xF000 == 0xB000 or status == 0x0001):
             self.warning += 1
         else:
             self.failed += 1
             self.failed_uids.append(item.sop_uid)
             log.warning(
-                "event=sub_operation_refused sop_uid=%s status=0x%04X", item.sop_uid, status
+                "event=sub_operation_refused sop_uid=%s status=%s",
+                item.sop_uid,
+                "none" if status is None else f"0x{status:04X}",
             )
 
     def not_sent(self, item: RetrieveItem, reason: str) -> None:
@@ -301,7 +305,7 @@ class Retriever:
 
     def _get_store(
         self, contexts: list[tuple[int, str, str]], copy: VerifiedCopy[RetrieveItem]
-    ) -> int:
+    ) -> int | None:
         """One C-GET sub-operation: C-STORE-RQ on the requesting association, then its RSP."""
         item = copy.item
         chosen = choose_context(contexts, item)
@@ -320,8 +324,7 @@ class Retriever:
             answer = self._store_responses.get(timeout=timeout)
         except queue.Empty:
             raise AssociationFailed(f"no C-STORE-RSP within {timeout} s") from None
-        status = us(answer.get(STATUS))
-        return 0xC000 if status is None else status
+        return us(answer.get(STATUS))
 
     # -- the sub-operations -----------------------------------------------------------------------
 
@@ -352,7 +355,7 @@ class Retriever:
             ahead.close()
 
     @staticmethod
-    def _send_one(ahead: FetchAhead, i: int, store: Store, tally: Tally) -> int:
+    def _send_one(ahead: FetchAhead, i: int, store: Store, tally: Tally) -> int | None:
         """items[i], verified, sent; its status. SubOperationFailed when it cannot be read."""
         try:
             copy = ahead.ready(i)
