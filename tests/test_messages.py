@@ -78,7 +78,8 @@ def test_after_a_restore_status_and_verify_say_what_happened_here(
     config = _config(tmp_path / "new.toml", tmp_path / "new", nas)
     restored = cli(config, "restore")
     assert restored.returncode == 0, restored.stdout + restored.stderr
-    assert "(4 from the snapshot, 2 from object metadata, 0 from the cache alone)" in restored.stdout
+    summary = "(4 from the snapshot, 2 from object metadata, 0 from the cache alone)"
+    assert summary in restored.stdout
 
     status = cli(config, "status", "--json")
     assert status.returncode == 0, status.stderr

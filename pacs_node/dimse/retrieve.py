@@ -32,6 +32,7 @@ from pacs_node.dimse.send import (
     choose_context,
     proposals_for,
     send_instance,
+    unsendable_reason,
 )
 from pacs_node.dimse.status import (
     CANCEL,
@@ -51,7 +52,8 @@ log = logging.getLogger(__name__)
 
 _MAX_FAILED_UIDS_AUDITED = 1000
 
-Store = Callable[[VerifiedCopy[RetrieveItem]], int]  # sends one instance, returns its status
+# Sends one instance, returns the status its C-STORE-RSP carried (None: a response without one).
+Store = Callable[[VerifiedCopy[RetrieveItem]], int | None]
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Tally:
     warning: int = 0
     failed_uids: list[str] = field(default_factory=list)
     fetched: int = 0  # read through from the bucket
+    unsent: int = 0  # failed before being sent (unreadable, no syntax to send it in)
 
     @property
     def remaining(self) -> int:
@@ -70,17 +73,28 @@ class Tally:
     def counts(self, *, with_remaining: bool) -> tuple[int, int, int, int]:
         return (self.remaining if with_remaining else -1, self.completed, self.failed, self.warning)
 
-    def count(self, item: RetrieveItem, status: int) -> None:
+    def count(self, item: RetrieveItem, status: int | None) -> None:
+        """A sub-operation sent, with the status the destination answered (None: its response
+        carried none, counted failed)."""
         if status == SUCCESS:
             self.completed += 1
-        elif status & 0xF000 == 0xB000 or status == 0x0001:
+        elif status is not None and (status & 0xF000 == 0xB000 or status == 0x0001):
             self.warning += 1
         else:
             self.failed += 1
             self.failed_uids.append(item.sop_uid)
             log.warning(
-                "event=sub_operation_refused sop_uid=%s status=0x%04X", item.sop_uid, status
+                "event=sub_operation_refused sop_uid=%s status=%s",
+                item.sop_uid,
+                "none" if status is None else f"0x{status:04X}",
             )
+
+    def not_sent(self, item: RetrieveItem, reason: str) -> None:
+        """A sub-operation that failed before its C-STORE-RQ went out: no status to report."""
+        self.failed += 1
+        self.unsent += 1
+        self.failed_uids.append(item.sop_uid)
+        log.warning("event=sub_operation_not_sent sop_uid=%s reason=%s", item.sop_uid, reason)
 
     def fail_rest(self, items: list[RetrieveItem]) -> None:
         for item in items:
@@ -213,7 +227,7 @@ class Retriever:
     ) -> None:
         log.info(
             "event=%s calling_ae=%s destination=%s level=%s instances=%d completed=%d "
-            "failed=%d warning=%d from_bucket=%d status=0x%04X s=%.2f",
+            "failed=%d not_sent=%d warning=%d from_bucket=%d status=0x%04X s=%.2f",
             operation,
             self._channel.calling_ae,
             destination,
@@ -221,6 +235,7 @@ class Retriever:
             tally.total,
             tally.completed,
             tally.failed,
+            tally.unsent,
             tally.warning,
             tally.fetched,
             status,
@@ -234,6 +249,7 @@ class Retriever:
             instances=tally.total,
             completed=tally.completed,
             failed=tally.failed,
+            not_sent=tally.unsent,
             warning=tally.warning,
             from_bucket=tally.fetched,
             failed_sop_uids=tally.failed_uids[:_MAX_FAILED_UIDS_AUDITED],
@@ -289,15 +305,12 @@ class Retriever:
 
     def _get_store(
         self, contexts: list[tuple[int, str, str]], copy: VerifiedCopy[RetrieveItem]
-    ) -> int:
+    ) -> int | None:
         """One C-GET sub-operation: C-STORE-RQ on the requesting association, then its RSP."""
         item = copy.item
         chosen = choose_context(contexts, item)
         if chosen is None:
-            raise SubOperationFailed(
-                f"no storage context negotiated for {item.sop_class_uid} takes a syntax "
-                f"it can be sent in (stored as {item.transfer_syntax_uid})"
-            )
+            raise SubOperationFailed(unsendable_reason(contexts, item, self._channel.calling_ae))
         self._sub_message_id = self._sub_message_id % 0xFFFF + 1
         send_instance(
             self._replies.writer,
@@ -311,8 +324,7 @@ class Retriever:
             answer = self._store_responses.get(timeout=timeout)
         except queue.Empty:
             raise AssociationFailed(f"no C-STORE-RSP within {timeout} s") from None
-        status = us(answer.get(STATUS))
-        return 0xC000 if status is None else status
+        return us(answer.get(STATUS))
 
     # -- the sub-operations -----------------------------------------------------------------------
 
@@ -326,17 +338,15 @@ class Retriever:
                 if request.cancelled.is_set() or self._closed.is_set():
                     return
                 try:
-                    status = self._send_one(ahead, i, store, tally)
+                    tally.count(item, self._send_one(ahead, i, store, tally))
                 except SubOperationFailed as e:
-                    log.warning("event=sub_operation_failed sop_uid=%s reason=%s", item.sop_uid, e)
-                    status = 0xC000
+                    tally.not_sent(item, str(e))
                 except AssociationFailed as e:
                     log.warning(
                         "event=sub_association_failed sop_uid=%s reason=%s", item.sop_uid, e
                     )
                     tally.fail_rest(items[i:])
                     return
-                tally.count(item, status)
                 if tally.remaining:
                     self._replies.respond(
                         request, PENDING, counts=tally.counts(with_remaining=True)
@@ -345,7 +355,7 @@ class Retriever:
             ahead.close()
 
     @staticmethod
-    def _send_one(ahead: FetchAhead, i: int, store: Store, tally: Tally) -> int:
+    def _send_one(ahead: FetchAhead, i: int, store: Store, tally: Tally) -> int | None:
         """items[i], verified, sent; its status. SubOperationFailed when it cannot be read."""
         try:
             copy = ahead.ready(i)

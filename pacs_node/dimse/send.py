@@ -3,9 +3,10 @@
 An instance is sent as the bytes stored (never decoded), read back verified by retrieve/ (the
 cached file, or the bucket's copy, hashed against the index), read from that open file in
 chunks and framed into P-DATA-TF PDUs no longer than the destination accepts, so memory stays
-bounded whatever its size. When the destination accepts only the other uncompressed
-little-endian syntax the dataset is re-encoded on the way (element headers only, values
-copied; see pacs_node.storage.reencode).
+bounded whatever its size. When the destination did not accept the stored syntax, an
+uncompressed, deflated or big-endian dataset is converted on the way to Explicit VR Little
+Endian, else Implicit (see pacs_node.storage.convert); a compressed one is never decoded and
+that sub-operation fails, saying why.
 
 `StoreAssociation` is the sub-association a C-MOVE opens to its destination. It speaks the upper
 layer protocol directly on a socket: pynetdicom's requestor path polls its queues with sleeps and
@@ -22,7 +23,7 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
@@ -44,15 +45,17 @@ from pacs_node.dimse.messages import (
     send_buffers,
     us,
 )
+from pacs_node.dimse.negotiation import SEND_PREFERENCE
 from pacs_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from pacs_node.index import RetrieveItem
 from pacs_node.retrieve.readback import VerifiedCopy
-from pacs_node.storage.reencode import ReencodeError, can_reencode
+from pacs_node.storage.convert import CONVERTIBLE_FROM, can_convert
+from pacs_node.storage.reencode import ReencodeError
 
 log = logging.getLogger(__name__)
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
-UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+UNCOMPRESSED = tuple(SEND_PREFERENCE)  # explicit VR first
 _A_ASSOCIATE_AC, _A_ASSOCIATE_RJ, _A_RELEASE_RQ, _A_RELEASE_RP, _A_ABORT = 2, 3, 5, 6, 7
 _RELEASE_RQ = b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00"
 _ABORT = b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00"  # source 0: service-user
@@ -92,15 +95,42 @@ def choose_context(
     contexts: list[tuple[int, str, str]], item: RetrieveItem
 ) -> tuple[int, str] | None:
     """The (context ID, transfer syntax) to send `item` on, from accepted (id, SOP class,
-    syntax) triples: its stored syntax if accepted, else one it can be re-encoded to."""
-    usable = [(cid, ts) for cid, sop_class, ts in contexts if sop_class == item.sop_class_uid]
-    for cid, ts in usable:
-        if ts == item.transfer_syntax_uid:
-            return cid, ts
-    for cid, ts in usable:
-        if can_reencode(item.transfer_syntax_uid, ts):
-            return cid, ts
+    syntax) triples: its stored syntax if accepted; else Explicit VR Little Endian, else
+    Implicit VR Little Endian, when it converts to them (uncompressed, deflated or big
+    endian); None when no accepted syntax will do (a compressed instance not accepted as such)."""
+    stored = item.transfer_syntax_uid
+    usable: dict[str, int] = {}
+    for cid, sop_class, ts in contexts:
+        if sop_class == item.sop_class_uid:
+            usable.setdefault(ts, cid)
+    if stored in usable:
+        return usable[stored], stored
+    for ts in SEND_PREFERENCE:
+        if ts in usable and can_convert(stored, ts):
+            return usable[ts], ts
     return None
+
+
+def unsendable_reason(contexts: list[tuple[int, str, str]], item: RetrieveItem, peer: str) -> str:
+    """Why choose_context found nothing for `item`: what it is stored as, what was accepted."""
+    stored = item.transfer_syntax_uid
+    accepted = sorted({ts for _, sop_class, ts in contexts if sop_class == item.sop_class_uid})
+    if not accepted:
+        return f"{peer} accepted no presentation context for SOP class {item.sop_class_uid}"
+    names = ", ".join(_name(ts) for ts in accepted)
+    if stored in CONVERTIBLE_FROM:
+        return (
+            f"stored as {_name(stored)}; {peer} accepted only {names}, which it cannot convert to"
+        )
+    return (
+        f"stored as {_name(stored)}, which is sent only in its own syntax (compressed data is "
+        f"never decoded); {peer} accepted only {names} for {item.sop_class_uid}"
+    )
+
+
+def _name(ts: str) -> str:
+    name = UID(ts).name
+    return f"{name} ({ts})" if name and name != ts else ts
 
 
 def send_instance(
@@ -280,8 +310,7 @@ class StoreAssociation:
         chosen = choose_context(self.contexts, item)
         if chosen is None:
             raise SubOperationFailed(
-                f"{self.destination.ae_title} accepted no transfer syntax it can be sent in "
-                f"(stored as {item.transfer_syntax_uid})"
+                unsendable_reason(self.contexts, item, self.destination.ae_title)
             )
         context_id, target_ts = chosen
         message_id = self._next_message_id

@@ -24,6 +24,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from pacs_node.audit import AuditLog
 from pacs_node.config import Config, TlsConfig
+from pacs_node.dimse import negotiation
 from pacs_node.dimse.access import LOCAL_LIMIT_EXCEEDED, AccessPolicy, Refusal
 from pacs_node.dimse.commitment import CommitmentService
 from pacs_node.dimse.qr import QR_MODELS, QueryRetrieveService
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 def configure_pynetdicom() -> None:
     """Process-wide pynetdicom settings: accept any storage class, no identifier logging."""
     _config.UNRESTRICTED_STORAGE_SERVICE = True
+    # On storage contexts the node sends on (C-GET), the syntax it sends best, not the first.
+    negotiation.install()
     _config.LOG_HANDLER_LEVEL = "none"
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False

@@ -36,8 +36,8 @@ from typing import BinaryIO, Generic, Protocol, TypeVar, cast
 from pacs_node.audit import AuditLog
 from pacs_node.index import Index, IndexFailure
 from pacs_node.storage.cache import Cache, CacheError, open_dataset_sha256
+from pacs_node.storage.convert import converted_chunks
 from pacs_node.storage.layout import InvalidUID, locate, object_key
-from pacs_node.storage.reencode import reencoded_chunks
 from pacs_node.storage.target import ReplicationTarget, TargetError
 
 log = logging.getLogger(__name__)
@@ -114,11 +114,14 @@ class VerifiedCopy(Generic[R]):
         self, stored_syntax: str, target_syntax: str, chunk_size: int = _READ_CHUNK
     ) -> Iterator[bytes]:
         """The dataset in `target_syntax`, in chunks of bounded size, from the verified file:
-        as stored when the syntaxes are equal, else re-encoded (raises ReencodeError)."""
+        as stored when the syntaxes are equal, else converted (raises ReencodeError); a
+        two-step conversion spools beside the file (unnamed), on the cache's disk."""
         fd = self._file.fileno()
         offset = self.item.dataset_offset
         if target_syntax != stored_syntax:
-            yield from reencoded_chunks(fd, offset, stored_syntax, target_syntax, chunk_size)
+            yield from converted_chunks(
+                fd, offset, stored_syntax, target_syntax, chunk_size, scratch_dir=self.path.parent
+            )
             return
         while chunk := os.pread(fd, chunk_size, offset):
             offset += len(chunk)

@@ -334,7 +334,6 @@ class DirectoryTarget:
             tmp.unlink(missing_ok=True)
         fsync_dir(self._tmp)
 
-
     def _install_sidecar(self, final: Path, meta: ObjectMeta, digest: LocalDigest) -> None:
         document = {
             "metadata": meta.to_metadata(),

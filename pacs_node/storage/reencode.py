@@ -85,18 +85,24 @@ def _chunks(
 ) -> Iterator[bytes]:
     with _open(path) as fp:
         walker = _Walker(fp, dataset_offset, chunk_size, lengths)
-        pending = bytearray()
-        for piece in walker.dataset(src_implicit, not src_implicit, measure=False):
-            assert isinstance(piece, bytes)  # only the measuring pass yields sizes
-            if not pending and len(piece) == chunk_size:
-                yield piece  # a whole chunk of a large value: no copy
-                continue
-            pending += piece
-            while len(pending) >= chunk_size:
-                yield bytes(pending[:chunk_size])
-                del pending[:chunk_size]
-        if pending:
-            yield bytes(pending)
+        yield from rechunked(walker.dataset(src_implicit, not src_implicit, False), chunk_size)
+
+
+def rechunked(pieces: Iterator[bytes | int], chunk_size: int) -> Iterator[bytes]:
+    """`pieces` (bytes, never the sizes of a measuring pass) joined and cut into chunks of
+    exactly chunk_size bytes, the last one shorter."""
+    pending = bytearray()
+    for piece in pieces:
+        assert isinstance(piece, bytes)  # only the measuring pass yields sizes
+        if not pending and len(piece) == chunk_size:
+            yield piece  # a whole chunk of a large value: no copy
+            continue
+        pending += piece
+        while len(pending) >= chunk_size:
+            yield bytes(pending[:chunk_size])
+            del pending[:chunk_size]
+    if pending:
+        yield bytes(pending)
 
 
 _UNDEFINED = 0xFFFFFFFF
