@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_RELEASE_GRACE_S = 1.0  # at stop, for associations to release after their last instance
+
 
 def configure_pynetdicom() -> None:
     """Process-wide pynetdicom settings: accept any storage class, no identifier logging."""
@@ -390,11 +392,20 @@ class DicomServer:
             receiver.draining = True
         self.commitment.stop()  # waiting requests end unreported
         deadline = time.monotonic() + drain_timeout_s
+        busy_at_stop = [r for r in receivers if r.busy]
         while any(r.busy for r in receivers) and time.monotonic() < deadline:
             time.sleep(0.02)
         in_flight = sum(r.busy for r in receivers)
         if in_flight:
             log.warning("event=drain_timeout aborting_in_flight=%d", in_flight)
+        else:
+            # A sender whose last instance just finished is usually releasing: a moment's
+            # grace lets it end cleanly instead of seeing an abort after its Success.
+            grace = min(_RELEASE_GRACE_S, max(0.0, deadline - time.monotonic()))
+            finishing = [r.assoc for r in busy_at_stop if r.assoc is not None]
+            until = time.monotonic() + grace
+            while any(a.is_established for a in finishing) and time.monotonic() < until:
+                time.sleep(0.02)
         self._ae.shutdown()
         self.commitment.join()  # reports in flight end with their associations
         self.query_retrieve.stop()
