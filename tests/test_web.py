@@ -112,6 +112,7 @@ def test_stow_then_qido_wado_roundtrip(start_node, tmp_path: Path) -> None:
         by_uid = {}
         for headers, payload in got:
             assert headers["Content-Type"].startswith("application/dicom")
+            assert int(headers["Content-Length"]) == len(payload)
             ds = dcmread(io.BytesIO(payload))
             by_uid[ds.SOPInstanceUID] = payload
         for m in made:
@@ -119,6 +120,42 @@ def test_stow_then_qido_wado_roundtrip(start_node, tmp_path: Path) -> None:
             tmp = tmp_path / "got.dcm"
             tmp.write_bytes(payload)
             assert dataset_bytes_sha256(tmp) == dataset_bytes_sha256(m.path)
+
+
+def test_damaged_cached_copy_is_never_served(start_node, tmp_path: Path) -> None:
+    """The read-back verifies before a byte is sent: a flipped byte in the cache (and no
+    bucket to heal from) gives an error status, never the damaged bytes."""
+    running, base = web_node(start_node)
+    made = study(tmp_path, count=1)[0]
+    assert stow(base, [made.path]).status_code == 200
+    (row,) = running.node.index.instances_to_retrieve(
+        "STUDY", {"StudyInstanceUID": made.study_uid}, "first"
+    )
+    assert row.cache_path is not None
+    cached = running.node.cache.path_of(row.cache_path)
+    data = bytearray(cached.read_bytes())
+    data[-10] ^= 0xFF
+    cached.write_bytes(bytes(data))
+    url = f"{base}{DICOM_WEB}/studies/{made.study_uid}"
+    response = httpx.get(url, headers={"Accept": "multipart/related; type=application/dicom"})
+    assert response.status_code == 500
+    assert "does not match the index" in response.json()["error"]
+
+
+def test_japanese_names_round_trip_as_unicode(start_node, tmp_path: Path) -> None:
+    """Names stored in ISO 2022 (Japanese) come back as Unicode in DICOM JSON, as C-FIND
+    decodes them."""
+    _, base = web_node(start_node)
+    ds = base_dataset(charset="\\ISO 2022 IR 87", patient_name="Yamada^Tarou=山田^太郎")
+    made = write_instance(tmp_path / "jp.dcm", ds)
+    assert stow(base, [made.path]).status_code == 200
+    answer = httpx.get(f"{base}{DICOM_WEB}/studies", params={"PatientName": "Yamada*"}).json()
+    assert answer[0]["00100010"]["Value"] == [
+        {"Alphabetic": "Yamada^Tarou", "Ideographic": "山田^太郎"}
+    ]
+    assert answer[0]["00080005"]["Value"] == ["ISO_IR 192"]
+    response = httpx.get(f"{base}{DICOM_WEB}/studies", params={"PatientName": "山田*"})
+    assert len(response.json()) == 1
 
 
 def test_qido_matching_limit_offset_includefield(start_node, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -248,11 +249,18 @@ class WebApp:
                 return _problem(404, "no such instances")
             syntaxes = [served_syntax(i.transfer_syntax_uid, requested) for i in items]
             multipart = Multipart()
+            first = self.readback.open(items[0])  # verified before the status is sent
             return StreamingResponse(
                 instance_parts(
-                    self.readback, items, syntaxes, multipart, self.config.dicom.ae_title
+                    self.readback,
+                    items,
+                    syntaxes,
+                    multipart,
+                    self.config.dicom.ae_title,
+                    first,
                 ),
                 media_type=multipart.content_type,
+                background=BackgroundTask(first.close),  # if the body was never iterated
             )
 
         return self._guard("retrieve", "retrieve", handle)

@@ -21,7 +21,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from pacs_node.index.records import RetrieveItem
 from pacs_node.ingest import file_meta_header
-from pacs_node.retrieve.readback import Readback, ReadbackFailed
+from pacs_node.retrieve.readback import Readback, ReadbackFailed, VerifiedCopy
 from pacs_node.storage.reencode import UNCOMPRESSED_LE
 
 log = logging.getLogger(__name__)
@@ -127,12 +127,15 @@ def instance_parts(
     syntaxes: list[str],
     multipart: Multipart,
     source_ae: str,
+    first: VerifiedCopy[RetrieveItem] | None = None,
 ) -> Iterator[bytes]:
     """Each instance as a Part 10 file (a fresh File Meta header for the syntax sent, then
-    the dataset bytes from the verified copy), one part each."""
-    for item, syntax in zip(items, syntaxes, strict=True):
+    the dataset bytes from the verified copy), one part each. `first`: the first instance,
+    opened (verified) before the response began, so that a single instance that cannot be
+    read back is answered with an error status rather than a cut stream."""
+    for n, (item, syntax) in enumerate(zip(items, syntaxes, strict=True)):
         try:
-            copy = readback.open(item)
+            copy = first if n == 0 and first is not None else readback.open(item)
         except ReadbackFailed as e:
             log.error(
                 "event=wado_instance_unavailable sop_uid=%s reason=%r: response cut",
@@ -144,7 +147,7 @@ def instance_parts(
             header = file_meta_header(item.sop_class_uid, item.sop_uid, syntax, source_ae)
             length = None
             if syntax == item.transfer_syntax_uid:
-                length = len(header) + item.file_size
+                length = len(header) + item.file_size - item.dataset_offset
             yield multipart.part_header(f"{DICOM}; transfer-syntax={syntax}", length)
             yield header
             yield from copy.dataset_chunks(item.transfer_syntax_uid, syntax)
