@@ -249,6 +249,9 @@ class WebConfig:
     cors_origins: tuple[str, ...] = ()
     # STOW-RS: the largest request body accepted (bytes).
     max_request_bytes: int = 4 * 1024**3
+    # The study browser links each study to a viewer with this URL, "{study}" replaced by its
+    # Study Instance UID (e.g. OHIF: "https://ohif.example/viewer?StudyInstanceUIDs={study}").
+    viewer_url: str = ""
 
     @property
     def on_loopback(self) -> bool:
@@ -501,6 +504,7 @@ def _web(raw: Mapping[str, Any], tls: TlsConfig) -> WebConfig:
         allow_anonymous=s.bool_("allow_anonymous", None),
         cors_origins=tuple(origins),
         max_request_bytes=s.int_("max_request_bytes", d.max_request_bytes, 1024, 2**46),
+        viewer_url=s.str_("viewer_url", d.viewer_url),
     )
     s.finish()
     if config.tls and (tls.certificate is None or tls.private_key is None):

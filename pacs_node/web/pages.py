@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:0;padding:1em;max-width:70em;color:#222}
-nav a{margin-right:1em} table{border-collapse:collapse;width:100%}
+nav a{margin-right:1em} h1,td,p{overflow-wrap:anywhere} table{border-collapse:collapse;width:100%}
 td,th{border-bottom:1px solid #ddd;padding:.3em .5em;text-align:left}
 .alert{background:#fdd;border:1px solid #c00;padding:.5em;margin:.5em 0}
 .series{display:inline-block;width:10em;margin:.5em;vertical-align:top}
@@ -140,6 +140,22 @@ def study_page(app: WebApp, request: Request) -> str:
             },
         )
     )
+    found = app.index.find(
+        FindRequest(
+            model="STUDY",
+            level="STUDY",
+            keys={
+                "StudyInstanceUID": study_uid,
+                "PatientName": "",
+                "PatientID": "",
+                "StudyDate": "",
+                "StudyDescription": "",
+            },
+        )
+    )
+    if not found:
+        return _page("No such study", f"<p>{escape(study_uid)}</p>")
+    st = found[0]
     base = f"/dicom-web/studies/{quote(study_uid)}"
     cards = "".join(
         "<div class=series>"
@@ -150,5 +166,10 @@ def study_page(app: WebApp, request: Request) -> str:
         f"<div>{escape(s['NumberOfSeriesRelatedInstances'])} instances</div></div>"
         for s in series
     )
-    links = f'<p><a href="{base}/metadata">Metadata (DICOM JSON)</a></p>'
-    return _page(f"Study {study_uid}", links + f"<div id=series>{cards}</div>")
+    links = f"<p><small>{escape(study_uid)}</small></p><p>"
+    if app.config.web.viewer_url:
+        viewer = app.config.web.viewer_url.replace("{study}", quote(study_uid))
+        links += f'<a id=viewer href="{escape(viewer)}">Open in the viewer</a> '
+    links += f'<a href="{base}/metadata">Metadata (DICOM JSON)</a></p>'
+    title = f"{st['PatientName'] or '(no name)'} {st['StudyDate']} {st['StudyDescription']}"
+    return _page(title, links + f"<div id=series>{cards}</div>")
