@@ -1,0 +1,104 @@
+"""DICOMweb with a large instance: STOW-RS and WADO-RS stream it, memory stays bounded; and
+HTTPS with [tls]'s certificate."""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.factory import dataset_bytes_sha256, write_large_instance
+from tests.test_tls import Pki, pki  # noqa: F401  (the fixture)
+from tests.test_web import DICOM_WEB, web_node
+
+SIZE = 256 * 1024**2
+
+
+class PeakRss:
+    """The process's peak RSS above its level at start, sampled every 10 ms."""
+
+    def __init__(self) -> None:
+        self._process = psutil.Process()
+        self.start = self._process.memory_info().rss
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            time.sleep(0.01)
+
+    def growth(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak - self.start
+
+
+def _body(path: Path, boundary: str) -> Iterator[bytes]:
+    yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            yield chunk
+    yield f"\r\n--{boundary}--\r\n".encode()
+
+
+def test_large_instance_stow_and_wado_in_bounded_memory(start_node, tmp_path: Path) -> None:
+    _, base = web_node(start_node)
+    made = write_large_instance(tmp_path / "big.dcm", SIZE)
+    expected = dataset_bytes_sha256(made.path)
+    rss = PeakRss()
+    response = httpx.post(
+        f"{base}{DICOM_WEB}/studies",
+        content=_body(made.path, "bigboundary"),
+        headers={"Content-Type": 'multipart/related; type="application/dicom"; '
+                 "boundary=bigboundary"},
+        timeout=300,
+    )
+    stow_growth = rss.growth()
+    assert response.status_code == 200, response.text
+    print(f"STOW of {SIZE >> 20} MiB: peak RSS growth {stow_growth >> 20} MiB")
+    assert stow_growth < 64 * 1024**2
+
+    rss = PeakRss()
+    digest = hashlib.sha256()
+    total = 0
+    url = f"{base}{DICOM_WEB}/studies/{made.study_uid}"
+    accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+    with httpx.stream("GET", url, headers={"Accept": accept}, timeout=300) as r:
+        assert r.status_code == 200
+        for chunk in r.iter_raw(1 << 20):
+            total += len(chunk)
+            digest.update(chunk)  # the client keeps nothing
+    wado_growth = rss.growth()
+    print(f"WADO-RS of {SIZE >> 20} MiB: peak RSS growth {wado_growth >> 20} MiB")
+    assert total > SIZE
+    assert wado_growth < 64 * 1024**2
+    assert expected  # the bytes themselves are compared in test_web.py
+
+
+def test_https_with_client_certificates(start_node, pki: Pki) -> None:  # noqa: F811
+    tls = {
+        "certificate": str(pki.server_cert),
+        "private_key": str(pki.server_key),
+        "ca_certificates": str(pki.ca),
+    }
+    running = start_node(web={"enabled": True, "port": 0, "tls": True}, tls=tls)
+    assert running.node.web is not None
+    url = f"https://127.0.0.1:{running.node.web.port}{DICOM_WEB}/studies"
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    assert httpx.get(url, verify=context).json() == []
+    anonymous = ssl.create_default_context(cafile=str(pki.ca))
+    with pytest.raises(httpx.HTTPError):  # no client certificate: the handshake fails
+        httpx.get(url, verify=anonymous).raise_for_status()
+    with pytest.raises(httpx.HTTPError):  # plain HTTP to the HTTPS port
+        httpx.get(url.replace("https", "http"))
