@@ -252,6 +252,10 @@ class WebConfig:
     # The study browser links each study to a viewer with this URL, "{study}" replaced by its
     # Study Instance UID (e.g. OHIF: "https://ohif.example/viewer?StudyInstanceUIDs={study}").
     viewer_url: str = ""
+    # The base URL clients reach this server at, for the URLs in answers (RetrieveURL,
+    # BulkDataURI); "" = from each request's Host header. Set it behind a reverse proxy, and
+    # for clients that send Host without the port (dicomweb-client does).
+    public_url: str = ""
 
     @property
     def on_loopback(self) -> bool:
@@ -505,6 +509,7 @@ def _web(raw: Mapping[str, Any], tls: TlsConfig) -> WebConfig:
         cors_origins=tuple(origins),
         max_request_bytes=s.int_("max_request_bytes", d.max_request_bytes, 1024, 2**46),
         viewer_url=s.str_("viewer_url", d.viewer_url),
+        public_url=s.str_("public_url", d.public_url).rstrip("/"),
     )
     s.finish()
     if config.tls and (tls.certificate is None or tls.private_key is None):

@@ -23,7 +23,7 @@ DICOM_WEB = "/dicom-web"
 
 
 def web_node(start_node: Callable[..., RunningNode], **web: object) -> tuple[RunningNode, str]:
-    running = start_node(web={"enabled": True, "port": free_port(), **web})
+    running = start_node(web={"enabled": True, "port": free_port()} | web)
     assert running.node.web is not None
     return running, f"http://127.0.0.1:{running.node.web.port}"
 

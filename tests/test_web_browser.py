@@ -4,7 +4,6 @@ Playwright (no browser download: `executable_path=/usr/bin/chromium`)."""
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -33,7 +32,7 @@ def test_status_page_and_study_browser_in_chromium(start_node, tmp_path: Path) -
     )
     made = study(tmp_path / "a", count=3)
     assert stow(base, [m.path for m in made]).status_code == 200
-    shots = Path(os.environ.get("PACS_NODE_SCREENSHOTS", tmp_path))
+    shots = Path(os.environ.get("PACS_NODE_SCREENSHOTS", tmp_path / "shots"))
     shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
@@ -78,5 +77,3 @@ def test_status_page_and_study_browser_in_chromium(start_node, tmp_path: Path) -
         finally:
             browser.close()
     assert (shots / "study.png").stat().st_size > 1000
-    if "PACS_NODE_SCREENSHOTS" not in os.environ:
-        shutil.rmtree(shots, ignore_errors=True)

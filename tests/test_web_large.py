@@ -59,8 +59,9 @@ def test_large_instance_stow_and_wado_in_bounded_memory(start_node, tmp_path: Pa
     response = httpx.post(
         f"{base}{DICOM_WEB}/studies",
         content=_body(made.path, "bigboundary"),
-        headers={"Content-Type": 'multipart/related; type="application/dicom"; '
-                 "boundary=bigboundary"},
+        headers={
+            "Content-Type": 'multipart/related; type="application/dicom"; boundary=bigboundary'
+        },
         timeout=300,
     )
     stow_growth = rss.growth()

@@ -136,6 +136,11 @@ class WebApp:
         require(caller, permission)
         return caller
 
+    def _base(self, request: Request) -> str:
+        """The DICOMweb root URL for the URLs in answers."""
+        root = self.config.web.public_url or str(request.base_url).rstrip("/")
+        return root + PREFIX
+
     def _peer(self, request: Request) -> str:
         client = request.client
         return f"{client.host}:{client.port}" if client else "-"
@@ -217,7 +222,7 @@ class WebApp:
             matches = self.index.find(query.request)
             more = bool(query.limit) and len(matches) > query.offset + query.limit
             page = matches[query.offset : query.offset + query.limit if query.limit else None]
-            base = str(request.base_url).rstrip("/") + PREFIX
+            base = self._base(request)
             answer = [
                 match_json(m, {tag_hex("RetrieveURL"): _retrieve_url(base, m, level)}) for m in page
             ]
@@ -271,7 +276,7 @@ class WebApp:
             items = self._items(level, request)
             if not items:
                 return _problem(404, "no such instances")
-            base = str(request.base_url).rstrip("/") + PREFIX
+            base = self._base(request)
             answer = [
                 metadata(
                     self.readback,
@@ -407,7 +412,7 @@ class WebApp:
             log.warning("event=stow_interrupted error=%r", e)
             response = _problem(400, f"upload interrupted: {type(e).__name__}")
         else:
-            base = str(request.base_url).rstrip("/") + PREFIX
+            base = self._base(request)
             response = DicomJSONResponse(
                 stow_response(upload, base),
                 status_code=_stow_status(upload),
