@@ -22,8 +22,10 @@ from tests.factory import Made, base_dataset, dataset_bytes_sha256, write_instan
 DICOM_WEB = "/dicom-web"
 
 
-def web_node(start_node: Callable[..., RunningNode], **web: object) -> tuple[RunningNode, str]:
-    running = start_node(web={"enabled": True, "port": free_port()} | web)
+def web_node(
+    start_node: Callable[..., RunningNode], data_dir: Path | None = None, **web: object
+) -> tuple[RunningNode, str]:
+    running = start_node(data_dir, web={"enabled": True, "port": free_port()} | web)
     assert running.node.web is not None
     return running, f"http://127.0.0.1:{running.node.web.port}"
 
@@ -375,6 +377,42 @@ def test_cors_preflight(start_node) -> None:
     assert r.headers["access-control-allow-origin"] == "http://viewer.example"
     r = httpx.get(f"{base}{DICOM_WEB}/studies", headers={"Origin": "http://viewer.example"})
     assert r.headers["access-control-allow-origin"] == "http://viewer.example"
+
+
+def test_taken_web_port_stops_the_start_before_anything(start_node, tmp_path: Path) -> None:
+    import socket
+
+    from pacs_node.preflight import ListenError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ListenError, match=r"DICOMweb \(web.host/web.port\)"):
+            start_node(web={"enabled": True, "port": port})
+    assert not (tmp_path / "data" / "index.sqlite3").exists()
+
+
+def test_body_over_the_limit_is_413_and_parts_before_a_break_are_kept(
+    start_node, tmp_path: Path
+) -> None:
+    running, base = web_node(start_node, max_request_bytes=1024)
+    made = study(tmp_path, count=2)
+    assert stow(base, [made[0].path]).status_code == 413
+    assert running.node.index.status().instances == 0
+    running, base = web_node(start_node, data_dir=tmp_path / "d2")
+    boundary = "brk"
+    body = multipart_body([m.path for m in made], boundary)
+    cut = body.index(b"--brk", 10) + 200  # into the second part: the first one had ended
+    r = httpx.post(
+        f"{base}{DICOM_WEB}/studies",
+        content=body[:cut],
+        headers={"Content-Type": f"multipart/related; type=application/dicom; boundary={boundary}"},
+    )
+    assert r.status_code == 400 and "truncated" in r.text
+    uids = {made[0].sop_uid}
+    assert {v.sop_uid for v in running.node.index.versions_of(made[0].sop_uid)} == uids
+    assert running.node.index.versions_of(made[1].sop_uid) == []
 
 
 def test_exposure_rule(tmp_path: Path) -> None:
