@@ -41,6 +41,7 @@ from pacs_node.web.stow import BadUpload, StowUpload
 from pacs_node.web.wado import (
     Multipart,
     NotAcceptable,
+    coalesced,
     instance_parts,
     metadata,
     requested_syntax,
@@ -256,13 +257,15 @@ class WebApp:
             multipart = Multipart()
             first = self.readback.open(items[0])  # verified before the status is sent
             return StreamingResponse(
-                instance_parts(
-                    self.readback,
-                    items,
-                    syntaxes,
-                    multipart,
-                    self.config.dicom.ae_title,
-                    first,
+                coalesced(
+                    instance_parts(
+                        self.readback,
+                        items,
+                        syntaxes,
+                        multipart,
+                        self.config.dicom.ae_title,
+                        first,
+                    )
                 ),
                 media_type=multipart.content_type,
                 background=BackgroundTask(first.close),  # if the body was never iterated
