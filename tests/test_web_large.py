@@ -1,5 +1,5 @@
-"""DICOMweb with a large instance: STOW-RS and WADO-RS stream it, memory stays bounded; and
-HTTPS with [tls]'s certificate."""
+"""DICOMweb with a large instance (STOW-RS and WADO-RS stream it, memory stays bounded), with
+evicted instances (read through the bucket, verified), and over HTTPS with [tls]'s files."""
 
 from __future__ import annotations
 
@@ -103,3 +103,73 @@ def test_https_with_client_certificates(start_node, pki: Pki) -> None:  # noqa: 
         httpx.get(url, verify=anonymous).raise_for_status()
     with pytest.raises(httpx.HTTPError):  # plain HTTP to the HTTPS port
         httpx.get(url.replace("https", "http"))
+
+
+def test_evicted_instances_are_read_through_the_bucket_verified(start_node, tmp_path: Path) -> None:
+    """WADO-RS of a study the cache no longer holds: each instance read back from the bucket
+    (a directory target), verified, byte-identical; a damaged bucket copy is not served."""
+    from tests.checks import instance_rows
+    from tests.test_cache_bound import MB, make_study, object_key, settled
+    from tests.test_replication import PREFIX, pending_jobs, wait_until
+    from tests.test_web import parts, stow
+
+    root = tmp_path / "nas"
+    root.mkdir()
+    running = start_node(
+        web={"enabled": True, "port": 0},
+        storage={"max_cache_bytes": 2 * MB},
+        replication={
+            "target": "directory",
+            "directory": str(root),
+            "prefix": PREFIX,
+            "defer_while_ingesting_s": 0,
+            "retry_base_s": 0.1,
+        },
+    )
+    assert running.node.web is not None
+    base = f"http://127.0.0.1:{running.node.web.port}"
+    db = running.config.index.path
+    old = make_study(tmp_path / "in", 5, "PIDO")
+    assert stow(base, [m.path for m in old]).status_code == 200
+    wait_until(lambda: pending_jobs(db) == 0, 60, "replication")
+    newer = make_study(tmp_path / "in", 8, "PIDN")
+    assert stow(base, [m.path for m in newer]).status_code == 200  # evicts the old study
+    wait_until(lambda: settled(running), 60, "eviction")
+    rows = instance_rows(db)
+    assert all(rows[(m.sop_uid, 1)]["cache_path"] is None for m in old)
+
+    accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+    url = f"{base}{DICOM_WEB}/studies/{old[0].study_uid}"
+    response = httpx.get(url, headers={"Accept": accept}, timeout=60)
+    assert response.status_code == 200
+    got = {}
+    for _, payload in parts(response):
+        path = tmp_path / "got.dcm"
+        path.write_bytes(payload)
+        got[dcmread_uid(path)] = dataset_bytes_sha256(path)
+    assert got == {m.sop_uid: dataset_bytes_sha256(m.path) for m in old}
+
+    victim = newer[0]  # evict it too, then damage its bucket copy
+    wait_until(lambda: pending_jobs(db) == 0, 60, "replication")
+    third = make_study(tmp_path / "in", 8, "PIDT")
+    assert stow(base, [m.path for m in third]).status_code == 200
+    wait_until(lambda: settled(running), 60, "eviction")
+    row = instance_rows(db)[(victim.sop_uid, 1)]
+    assert row["cache_path"] is None
+    key = root / object_key(row)
+    data = bytearray(key.read_bytes())
+    data[-100] ^= 0xFF
+    key.write_bytes(bytes(data))
+    one = (
+        f"{base}{DICOM_WEB}/studies/{victim.study_uid}/series/{victim.series_uid}"
+        f"/instances/{victim.sop_uid}"
+    )
+    refused = httpx.get(one, headers={"Accept": accept})
+    assert refused.status_code == 500
+    assert "bucket copy does not match the index" in refused.json()["error"]
+
+
+def dcmread_uid(path: Path) -> str:
+    from pydicom import dcmread
+
+    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
