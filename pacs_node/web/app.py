@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from pacs_node.audit import AuditLog
@@ -93,9 +93,9 @@ class WebApp:
         instance = series + "/instances/{instance}"
         routes = [
             Route("/", pages.redirect_home),
-            Route("/ui/status", self._page(pages.status_page, "status")),
-            Route("/ui/studies", self._page(pages.studies_page, "browse")),
-            Route("/ui/studies/{study}", self._page(pages.study_page, "browse")),
+            Route("/ui/status", self._page(pages.status_page)),
+            Route("/ui/studies", self._page(pages.studies_page)),
+            Route("/ui/studies/{study}", self._page(pages.study_page)),
             Route(p + "/studies", self._qido("STUDY"), methods=["GET"]),
             Route(p + "/studies", self._stow, methods=["POST"]),
             Route(p + "/series", self._qido("SERIES")),
@@ -113,8 +113,8 @@ class WebApp:
             Route(p + instance + "/thumbnail", self._rendered(thumbnail=True)),
             Route(p + series + "/thumbnail", self._rendered(thumbnail=True, series=True)),
             Route(p + instance + "/frames/{frames}/rendered", self._rendered(thumbnail=False)),
-            Route(p + instance + "/frames/{frames}", self._frames),
-            Route(p + instance + "/bulkdata/{tag}", self._bulkdata),
+            Route(p + instance + "/frames/{frames}", self._frames()),
+            Route(p + instance + "/bulkdata/{tag}", self._bulkdata()),
         ]
         middleware = []
         if self.config.web.cors_origins:
@@ -322,7 +322,7 @@ class WebApp:
 
         return self._guard("retrieve", "retrieve", handle)
 
-    def _frames(self, request: Request) -> Response:
+    def _frames(self) -> Callable[[Request], Response]:
         def handle(request: Request, caller: Caller) -> Response:
             item = self._one(request)
             if item is None:
@@ -335,9 +335,9 @@ class WebApp:
             )
             return Response(parts.body, media_type=content_type)
 
-        return self._guard("retrieve", "retrieve", handle)(request)
+        return self._guard("retrieve", "retrieve", handle)
 
-    def _bulkdata(self, request: Request) -> Response:
+    def _bulkdata(self) -> Callable[[Request], Response]:
         def handle(request: Request, caller: Caller) -> Response:
             item = self._one(request)
             if item is None:
@@ -361,7 +361,7 @@ class WebApp:
             )
             return Response(body, media_type=content_type)
 
-        return self._guard("retrieve", "retrieve", handle)(request)
+        return self._guard("retrieve", "retrieve", handle)
 
     # -- STOW-RS ----------------------------------------------------------------------------------
 
@@ -443,10 +443,10 @@ class WebApp:
 
     # -- pages ------------------------------------------------------------------------------------
 
-    def _page(self, render_page: Callable[..., str], permission_hint: str) -> Callable:
-        def handle(request: Request, caller: Caller) -> Response:
-            from starlette.responses import HTMLResponse
+    def _page(self, render_page: Callable[[WebApp, Request], str]) -> Callable:
+        """A page: needs `search` (it shows what QIDO-RS would)."""
 
+        def handle(request: Request, caller: Caller) -> Response:
             return HTMLResponse(render_page(self, request))
 
         return self._guard("search", "", handle)

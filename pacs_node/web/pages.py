@@ -52,6 +52,16 @@ def _age(then: datetime | None) -> str:
     return f"{seconds:.0f} s"
 
 
+def _find(
+    app: WebApp, level: str, keys: dict[str, str], *, names_any_case: bool = False, limit: int = 0
+) -> list[dict[str, str]]:
+    """C-FIND's matching (Study Root), as QIDO-RS uses it; `keys`: matching and return keys."""
+    request = FindRequest(
+        model="STUDY", level=level, keys=keys, case_insensitive_names=names_any_case, limit=limit
+    )
+    return app.index.find(request)
+
+
 def status_page(app: WebApp, request: Request) -> str:
     counts = app.index.status()
     replication = app.index.replication_counts()
@@ -98,9 +108,7 @@ def studies_page(app: WebApp, request: Request) -> str:
     }
     if patient:
         keys["PatientName"] = f"*{patient}*"
-    matches = app.index.find(
-        FindRequest(model="STUDY", level="STUDY", keys=keys, case_insensitive_names=True, limit=200)
-    )[:200]
+    matches = _find(app, "STUDY", keys, names_any_case=True, limit=200)[:200]
     form = (
         '<form method=get action="/ui/studies">'
         f'<input name=patient placeholder="Patient name" value="{escape(patient)}"> '
@@ -126,33 +134,15 @@ def studies_page(app: WebApp, request: Request) -> str:
 
 def study_page(app: WebApp, request: Request) -> str:
     study_uid = request.path_params["study"]
-    series = app.index.find(
-        FindRequest(
-            model="STUDY",
-            level="SERIES",
-            keys={
-                "StudyInstanceUID": study_uid,
-                "SeriesInstanceUID": "",
-                "Modality": "",
-                "SeriesNumber": "",
-                "SeriesDescription": "",
-                "NumberOfSeriesRelatedInstances": "",
-            },
-        )
+    series_keys = ("SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription")
+    series = _find(
+        app,
+        "SERIES",
+        {"StudyInstanceUID": study_uid, "NumberOfSeriesRelatedInstances": ""}
+        | dict.fromkeys(series_keys, ""),
     )
-    found = app.index.find(
-        FindRequest(
-            model="STUDY",
-            level="STUDY",
-            keys={
-                "StudyInstanceUID": study_uid,
-                "PatientName": "",
-                "PatientID": "",
-                "StudyDate": "",
-                "StudyDescription": "",
-            },
-        )
-    )
+    study_keys = ("PatientName", "PatientID", "StudyDate", "StudyDescription")
+    found = _find(app, "STUDY", {"StudyInstanceUID": study_uid} | dict.fromkeys(study_keys, ""))
     if not found:
         return _page("No such study", f"<p>{escape(study_uid)}</p>")
     st = found[0]
