@@ -274,6 +274,37 @@ def test_rendered_and_thumbnail(start_node, tmp_path: Path) -> None:
     assert bad.status_code == 406 and "cannot render" in bad.text
 
 
+def test_rendered_decodes_a_real_jpeg(start_node, tmp_path: Path) -> None:
+    """A JPEG Baseline instance (real JPEG bytes, made by Pillow) is decoded and rendered."""
+    import numpy as np
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+
+    _, base = web_node(start_node)
+    pixels = (np.indices((64, 64)).sum(axis=0) * 2).astype(np.uint8)  # a diagonal ramp
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "L").save(buffer, format="JPEG", quality=95)
+    ds = base_dataset(sop_class="1.2.840.10008.5.1.4.1.1.7")  # Secondary Capture
+    ds.Rows = ds.Columns = 64
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].VR = "OB"
+    from tests.factory import _save
+
+    made = _save(tmp_path / "jpeg.dcm", ds, JPEGBaseline8Bit)
+    assert stow(base, [made.path]).status_code == 200
+    url = (
+        f"{base}{DICOM_WEB}/studies/{made.study_uid}/series/{made.series_uid}/instances/"
+        f"{made.sop_uid}/rendered"
+    )
+    response = httpx.get(url, headers={"Accept": "image/png"})
+    assert response.status_code == 200, response.text
+    image = np.asarray(Image.open(io.BytesIO(response.content)))
+    assert image.shape == (64, 64)
+    assert image[0, 0] < 20 and image[-1, -1] > 235  # the ramp, stretched to the full range
+
+
 def test_stow_failures_are_per_instance_and_bad_uploads_leave_nothing(
     start_node, tmp_path: Path
 ) -> None:
