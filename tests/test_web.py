@@ -388,6 +388,13 @@ def test_tokens_permissions_and_audit(start_node, tmp_path: Path) -> None:
     events = [(r["event"], r.get("client")) for r in records if r.get("via") == "dicomweb"]
     assert ("store", "modality") in events and ("find", "viewer") in events
     assert ("web_access_refused", "-") in events
+    series_url = f"{url}/{made[0].study_uid}/series"
+    assert httpx.get(series_url, headers={"Authorization": f"Bearer {reader}"}).status_code == 200
+    records = [json.loads(line) for line in running.config.audit.path.read_text().splitlines()]
+    finds = [r for r in records if r["event"] == "find" and r.get("via") == "dicomweb"]
+    assert finds[-1]["study_instance_uid"] == made[0].study_uid
+    # no token: refused before a bad UID is even looked at
+    assert httpx.get(f"{url}/1.2.x/series").status_code == 401
     text = "\n".join(audit)
     assert reader not in text and writer not in text
     stored = [r for r in records if r["event"] == "instance_stored"]

@@ -29,7 +29,7 @@ from pacs_node.config import Config
 from pacs_node.index import Index, IndexFailure, QueryError
 from pacs_node.index.records import RetrieveItem
 from pacs_node.ingest import Ingest, Sender
-from pacs_node.retrieve.readback import Readback, ReadbackFailed
+from pacs_node.retrieve.readback import MISMATCH, Readback, ReadbackFailed
 from pacs_node.storage.cache import Cache
 from pacs_node.storage.layout import InvalidUID, validate_uid
 from pacs_node.storage.target import ReplicationTarget
@@ -52,6 +52,12 @@ from pacs_node.web.wado import (
 log = logging.getLogger(__name__)
 
 DICOM_JSON = "application/dicom+json"
+# path parameter -> the audit record's field (UIDs go into the audit, never into the log)
+_PATH_UIDS = {
+    "study": "study_instance_uid",
+    "series": "series_instance_uid",
+    "instance": "sop_instance_uid",
+}
 PREFIX = "/dicom-web"
 
 
@@ -160,11 +166,11 @@ class WebApp:
             started = time.monotonic()
             caller_name = "-"
             try:
-                for name, value in request.path_params.items():
-                    if name in ("study", "series", "instance"):
-                        validate_uid(value, name)
-                caller = self._caller(request, permission)
+                caller = self._caller(request, permission)  # before anything else is said
                 caller_name = caller.name
+                for name, value in request.path_params.items():
+                    if name in _PATH_UIDS:
+                        validate_uid(value, name)
                 response = handler(request, caller)
             except Refused as e:
                 headers = {"WWW-Authenticate": 'Bearer realm="pacs-node"'}
@@ -186,7 +192,7 @@ class WebApp:
             except IndexFailure as e:
                 response = _problem(503, f"index unavailable: {e}", {"Retry-After": "5"})
             except ReadbackFailed as e:
-                response = _problem(503 if e.kind != "mismatch" else 500, e.reason)
+                response = _problem(500 if e.kind == MISMATCH else 503, e.reason)
             log.info(
                 "event=web_request method=%s route=%s status=%d client=%s ms=%.1f",
                 request.method,
@@ -195,9 +201,15 @@ class WebApp:
                 caller_name,
                 (time.monotonic() - started) * 1000,
             )
-            if response.status_code < 400 and event:
+            if response.status_code < 400:
+                uids = {_PATH_UIDS[k]: v for k, v in request.path_params.items() if k in _PATH_UIDS}
                 self._audit(
-                    request, event, caller_name, route=_route(request), status=response.status_code
+                    request,
+                    event,
+                    caller_name,
+                    route=_route(request),
+                    status=response.status_code,
+                    **uids,
                 )
             return response
 
@@ -449,7 +461,7 @@ class WebApp:
         def handle(request: Request, caller: Caller) -> Response:
             return HTMLResponse(render_page(self, request))
 
-        return self._guard("search", "", handle)
+        return self._guard("search", "find", handle)
 
 
 def _stow_status(upload: StowUpload) -> int:
