@@ -222,6 +222,52 @@ class QueryConfig:
     case_insensitive_names: bool = False
 
 
+WEB_PERMISSIONS = ("search", "retrieve", "store")
+
+
+@dataclass(frozen=True)
+class WebToken:
+    """A bearer token, known only by the SHA-256 of its text (never the token itself)."""
+
+    name: str
+    sha256: str  # 64 lowercase hex digits: sha256 of the token as sent after "Bearer "
+    allow: tuple[str, ...] = WEB_PERMISSIONS
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    # DICOMweb (QIDO-RS, WADO-RS, STOW-RS) and the status page, on their own port.
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8042
+    # HTTPS with the certificate and key of [tls] (and its CA for client certificates).
+    tls: bool = False
+    # With tokens listed, every request needs one (Authorization: Bearer ...), even on
+    # loopback. Without tokens only a loopback listener is served, unless allow_anonymous.
+    tokens: tuple[WebToken, ...] = ()
+    allow_anonymous: bool | None = None
+    cors_origins: tuple[str, ...] = ()
+    # STOW-RS: the largest request body accepted (bytes).
+    max_request_bytes: int = 4 * 1024**3
+    # The study browser links each study to a viewer with this URL, "{study}" replaced by its
+    # Study Instance UID (e.g. OHIF: "https://ohif.example/viewer?StudyInstanceUIDs={study}").
+    viewer_url: str = ""
+    # The base URL clients reach this server at, for the URLs in answers (RetrieveURL,
+    # BulkDataURI); "" = from each request's Host header. Set it behind a reverse proxy, and
+    # for clients that send Host without the port (dicomweb-client does).
+    public_url: str = ""
+
+    @property
+    def on_loopback(self) -> bool:
+        return _is_loopback(self.host)
+
+    @property
+    def anonymous_allowed(self) -> bool:
+        if self.allow_anonymous is not None:
+            return self.allow_anonymous
+        return self.on_loopback and not self.tokens
+
+
 @dataclass(frozen=True)
 class Config:
     data_dir: Path
@@ -239,6 +285,7 @@ class Config:
     retrieve: RetrieveConfig = RetrieveConfig()
     tls: TlsConfig = TlsConfig()
     metrics: MetricsConfig = MetricsConfig()
+    web: WebConfig = WebConfig()
     source: str = field(default="<embedded default>", compare=False)
 
     @property
@@ -371,6 +418,8 @@ _KNOWN_KEYS: dict[str, frozenset[str]] = {
     "retrieve": _keys(RetrieveConfig),
     "tls": _keys(TlsConfig),
     "metrics": _keys(MetricsConfig),
+    "web": _keys(WebConfig),
+    "web.tokens": _keys(WebToken),
 }
 
 
@@ -418,6 +467,63 @@ def _tls(raw: Mapping[str, Any], base: Path) -> TlsConfig:
                 "tls.ca_certificates: required with tls.require_client_certificate = true "
                 "(or set require_client_certificate = false)"
             )
+    return config
+
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _web(raw: Mapping[str, Any], tls: TlsConfig) -> WebConfig:
+    s = _Section(raw, "web")
+    d = WebConfig
+    tokens = []
+    raw_tokens = s._get("tokens", [])
+    if not isinstance(raw_tokens, list):
+        raise ConfigError("web.tokens: expected an array of tables ([[web.tokens]])")
+    for i, item in enumerate(raw_tokens):
+        t = _Section(item, f"web.tokens[{i}]")
+        name = t.str_("name", f"token{i}")
+        digest = t.str_("sha256", "").lower()
+        if not _SHA256_RE.match(digest):
+            raise ConfigError(
+                f"web.tokens[{i}].sha256: expected the SHA-256 of the token (64 hex digits; "
+                "the token itself never goes in the TOML): printf %s TOKEN | sha256sum"
+            )
+        allow = t._get("allow", list(WEB_PERMISSIONS))
+        if not isinstance(allow, list) or any(a not in WEB_PERMISSIONS for a in allow):
+            raise ConfigError(
+                f"web.tokens[{i}].allow: expected a list of {', '.join(WEB_PERMISSIONS)}"
+            )
+        t.finish()
+        tokens.append(WebToken(name=name, sha256=digest, allow=tuple(allow)))
+    origins = s._get("cors_origins", [])
+    if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+        raise ConfigError("web.cors_origins: expected a list of origins (https://host:port)")
+    config = WebConfig(
+        enabled=bool(s.bool_("enabled", d.enabled)),
+        host=s.str_("host", d.host),
+        port=s.int_("port", d.port, 0, 65535),
+        tls=bool(s.bool_("tls", d.tls)),
+        tokens=tuple(tokens),
+        allow_anonymous=s.bool_("allow_anonymous", None),
+        cors_origins=tuple(origins),
+        max_request_bytes=s.int_("max_request_bytes", d.max_request_bytes, 1024, 2**46),
+        viewer_url=s.str_("viewer_url", d.viewer_url),
+        public_url=s.str_("public_url", d.public_url).rstrip("/"),
+    )
+    s.finish()
+    if config.tls and (tls.certificate is None or tls.private_key is None):
+        raise ConfigError("web.tls: needs tls.certificate and tls.private_key")
+    if (
+        config.enabled
+        and not config.on_loopback
+        and not config.tokens
+        and config.allow_anonymous is not True
+    ):
+        raise ConfigError(
+            f"web.host: listening on {config.host} needs [[web.tokens]] (bearer tokens, "
+            "stored hashed), or web.allow_anonymous = true (logged loudly at every start)"
+        )
     return config
 
 
@@ -640,6 +746,8 @@ def build_config(
     )
     s.finish()
     top._read.add("metrics")
+    web = _web(raw.get("web", {}), tls)
+    top._read.add("web")
     top.finish()
 
     config = Config(
@@ -658,6 +766,7 @@ def build_config(
         retrieve=retrieve,
         tls=tls,
         metrics=metrics,
+        web=web,
         source=source,
     )
     _check_exposure(config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from pacs_node import __version__
 from pacs_node.config import Config, describe_access
@@ -28,6 +29,9 @@ from pacs_node.replication.snapshot import Snapshotter
 from pacs_node.replication.worker import Replicator
 from pacs_node.retrieve.eviction import Evictor
 from pacs_node.storage.target import ReplicationTarget, TargetError
+
+if TYPE_CHECKING:
+    from pacs_node.web.server import WebServer
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,15 @@ class Node:
             config.storage,
             replication_on=self.target is not None,
         )
+        # DICOMweb and the status page ([web]), when enabled: the same index, cache, read-back
+        # and ingest as DIMSE.
+        self.web: WebServer | None = None
+        if config.web.enabled:
+            from pacs_node.web.app import WebApp
+            from pacs_node.web.server import WebServer
+
+            app = WebApp(config, self.index, self.cache, self.target, self.ingest, self.audit)
+            self.web = WebServer(config, app.asgi())
         self._stopped = threading.Event()
         self._datadir_lock: DataDirLock | None = None
 
@@ -121,6 +134,8 @@ class Node:
             if self.snapshots is not None:
                 self.snapshots.start()
         self.dicom.start()
+        if self.web is not None:
+            self.web.start()
         if self.metrics is not None:
             self.metrics_port = self.metrics.serve(config.metrics.host, config.metrics.port)
             log.info(
@@ -152,6 +167,8 @@ class Node:
         """Why the node is not healthy (the systemd watchdog is then not fed), or None."""
         if not self.dicom.accepting():
             return "the DICOM accept loop is not running"
+        if self.web is not None and not self.web.alive():
+            return "the web server is not running"
         if self.replicator is not None and self.replicator.dead_workers():
             return f"{self.replicator.dead_workers()} replication worker(s) died"
         return None
@@ -192,12 +209,23 @@ class Node:
                 d.host,
                 d.port,
             )
+        web = self.config.web
+        if web.enabled and not web.on_loopback and web.anonymous_allowed:
+            log.warning(
+                "event=SECURITY_WARNING web server on %s:%d serves requests without a token "
+                "(web.allow_anonymous = true): anyone who can reach it can search, read and "
+                "store patient images; list [[web.tokens]] instead",
+                web.host,
+                web.port,
+            )
 
     def stop(self, drain_timeout_s: float = 30.0) -> None:
         if self._stopped.is_set():
             return
         self._stopped.set()
         self.dicom.stop(drain_timeout_s)
+        if self.web is not None:
+            self.web.stop()
         if self.metrics is not None:
             self.metrics.stop()
         self.evictor.stop()

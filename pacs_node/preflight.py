@@ -29,6 +29,9 @@ def listen_addresses(config: Config) -> list[tuple[str, str, int]]:
     if config.metrics.enabled:
         m = config.metrics
         wanted.append(("metrics (metrics.host/metrics.port)", m.host, m.port))
+    if config.web.enabled:
+        w = config.web
+        wanted.append(("DICOMweb (web.host/web.port)", w.host, w.port))
     return [(what, host, port) for what, host, port in wanted if port]
 
 

@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages: DCMTK, real third-party DICOM peers (storescu, echoscu, storescp, ...);
-# fuse3, fusermount3 and libfuse3 for the power-loss filesystem (tests/powerfs.py); strace.
+# fuse3, fusermount3 and libfuse3 for the power-loss filesystem (tests/powerfs.py); strace;
+# chromium, driven by Playwright (never `playwright install`) for the web page test.
 MISSING=()
 if ! [ -x /usr/bin/storescu ] || ! [ -x /usr/bin/storescp ]; then
     MISSING+=(dcmtk)
@@ -17,6 +18,9 @@ if ! [ -x /usr/bin/fusermount3 ] || ! /sbin/ldconfig -p | grep 'libfuse3\.so' >/
 fi
 if ! [ -x /usr/bin/strace ]; then  # the second witness of the fsync order
     MISSING+=(strace)
+fi
+if ! [ -x /usr/bin/chromium ]; then  # the browser of tests/test_web_browser.py (Playwright)
+    MISSING+=(chromium)
 fi
 if [ "${#MISSING[@]}" -gt 0 ]; then
     SUDO=""
