@@ -375,7 +375,7 @@ class S3Target:
             condition["IfNoneMatch"] = "*"
         if if_match is not None:
             condition["IfMatch"] = f'"{if_match}"'
-        sent = StreamDigest(put.size, put.dataset_offset)
+        sent = StreamDigest(put.size, put.dataset_offset, multipart=put.part_size is not None)
         try:
             if put.part_size is None:
                 self._put_single(put, sent, condition)

@@ -413,9 +413,10 @@ class StreamDigest:
     no verification accepts.
     """
 
-    def __init__(self, size: int, dataset_offset: int) -> None:
+    def __init__(self, size: int, dataset_offset: int, *, multipart: bool = False) -> None:
         self.size = size
         self.dataset_offset = dataset_offset
+        self.multipart = multipart  # single PUT: the whole file's MD5 is the part's (one MD5)
         self._md5 = hashlib.md5(usedforsecurity=False)
         self._dataset = hashlib.sha256()
         self._part_md5 = hashlib.md5(usedforsecurity=False)
@@ -442,13 +443,16 @@ class StreamDigest:
             self.broken = True  # not contiguous: what was sent is not what is hashed
             return
         self._md5.update(chunk)
-        self._part_md5.update(chunk)
-        if position + len(chunk) > self.dataset_offset:
-            self._dataset.update(chunk[max(0, self.dataset_offset - position) :])
+        if self.multipart:
+            self._part_md5.update(chunk)
+        if position >= self.dataset_offset:
+            self._dataset.update(chunk)
+        elif position + len(chunk) > self.dataset_offset:
+            self._dataset.update(memoryview(chunk)[self.dataset_offset - position :])
         self._position += len(chunk)
 
     def end_part(self) -> None:
-        self.part_md5s.append(self._part_md5.digest())
+        self.part_md5s.append((self._part_md5 if self.multipart else self._md5).digest())
 
     @property
     def complete(self) -> bool:
