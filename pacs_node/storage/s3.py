@@ -657,7 +657,8 @@ class _SentSegment(FileSegment):
         position = self._start + self.tell()
         data = super().read(size)
         if not data:
-            if self.tell() < self._length:  # the file shrank: the request would wait forever
+            # The file shrank: the request would wait for bytes that never come.
+            if size != 0 and self.tell() < self._length:
                 raise TransientTargetError(f"put key={self._put.key}: {self._put.path.name} shrank")
             return data
         self._sent.update(position, data)
