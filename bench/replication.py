@@ -9,6 +9,12 @@ with DCMTK storescu. From the index afterwards: ingest throughput (first to last
 replication throughput over the same instances (first receipt to last verified upload) as a
 ratio of it, and the largest replication lag (receipt to verified upload) of any instance.
 Targets: ratio >= 1.0 (replication keeps up) and lag under 10 s.
+
+The reference for the upload path itself (DESIGN.md section 7: compare with a bare boto3
+upload to the same endpoint in the same run, not with ingest): the node's replication rate
+while it drains (first to last verified upload; with a large --defer-s it drains after
+ingest, alone), against bare boto3 `put_object` of the same files from the same number of
+threads, into another bucket of the same moto server, after the node has finished.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -82,7 +89,7 @@ def main() -> None:
             f'region = "us-east-1"\naddressing_style = "path"\nworkers = {args.workers}\n'
             + (f"defer_while_ingesting_s = {args.defer_s}\n" if args.defer_s is not None else "")
         )
-        parts = make_set(work / "in", "ct", args.count, args.senders)
+        parts = make_set(work / "in", "ct", args.count, args.senders, series_size=100)
         nbytes = sum(f.stat().st_size for p in parts for f in p.iterdir())
         log = (work / "node.log").open("wb")
         node = subprocess.Popen(
@@ -113,6 +120,8 @@ def main() -> None:
             for r, p in db.execute("SELECT received_at, replicated_at FROM instance")
         ]
         db.close()
+        files = [f for p in parts for f in p.iterdir()]
+        bare_rate = _bare_boto3_rate(endpoint, files, args.workers)
         first = min(r for r, _ in rows)
         ingest_s = (max(r for r, _ in rows) - first).total_seconds()
         replication_s = (max(p for _, p in rows) - first).total_seconds()
@@ -128,6 +137,13 @@ def main() -> None:
         print(f"replication: {replication_rate:7.1f} MB/s over {replication_s:.1f} s")
         print(f"ratio replication/ingest: {replication_rate / ingest_rate:.2f}  (target >= 1.0)")
         print(f"largest replication lag: {lag:.1f} s  (target < 10 s)")
+        done = sorted(p for _, p in rows)
+        drain_s = (done[-1] - done[0]).total_seconds()
+        # n-1 intervals between the first and the last upload: count n-1 instances' bytes.
+        drain_rate = nbytes * (len(done) - 1) / len(done) / drain_s / 1e6 if drain_s else 0.0
+        print(f"replication while draining: {drain_rate:7.1f} MB/s over {drain_s:.1f} s")
+        print(f"bare boto3 put_object ({args.workers} threads): {bare_rate:7.1f} MB/s")
+        print(f"ratio node replication / bare boto3: {drain_rate / bare_rate:.2f}")
     finally:
         if node is not None:
             node.send_signal(signal.SIGTERM)
@@ -135,6 +151,29 @@ def main() -> None:
         moto.send_signal(signal.SIGTERM)
         moto.wait(30)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _bare_boto3_rate(endpoint: str, files: list[Path], threads: int) -> float:
+    """MB/s of plain put_object of `files` from `threads` threads: no hashing of ours, no
+    conditional write, no verification: the ceiling for this endpoint on this machine."""
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="bench",
+        aws_secret_access_key="bench",
+    )
+    client.create_bucket(Bucket="pacs-bench-bare")
+
+    def put(path: Path) -> None:
+        with path.open("rb") as body:
+            client.put_object(Bucket="pacs-bench-bare", Key=path.name, Body=body)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(put, files))
+    elapsed = time.perf_counter() - started
+    return sum(f.stat().st_size for f in files) / elapsed / 1e6
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pacs_node.storage.target import (
     ObjectMeta,
     RemoteObject,
     ReplicationTarget,
+    SourceMismatch,
     TargetSettings,
     build_target,
 )
@@ -251,6 +252,30 @@ def test_a_corrupted_copy_of_the_same_instance_is_replaced(
     assert backend.target.put_instance(key, path, meta) == first
 
     assert fetched(backend.target, key, tmp_path) == path.read_bytes()
+
+
+def test_local_bytes_that_are_not_the_instance_are_never_stored(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """Neither as a new object nor over a damaged copy of it: nothing at the key is judged by
+    them or replaced with them (issue 13: upload exactly the bytes that were checked)."""
+    path, meta = make_instance(tmp_path, 50_000)
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))  # the local copy rotted after its SHA-256 was recorded
+    key = key_for()
+
+    with pytest.raises(SourceMismatch):
+        backend.target.put_instance(key, path, meta)
+    assert backend.target.head(key) is None
+
+    good_path, _ = make_instance(tmp_path / "good", 50_000)
+    backend.target.put_instance(key, good_path, meta)
+    backend.flip_byte(key, 1000)  # and the bucket's copy is damaged too, metadata kept
+    damaged = fetched(backend.target, key, tmp_path)
+    with pytest.raises(SourceMismatch):
+        backend.target.put_instance(key, path, meta)
+    assert fetched(backend.target, key, tmp_path) == damaged  # left for a good copy to heal
 
 
 def test_metadata_round_trips_exactly_also_non_ascii(backend: Backend, tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """The replication queue: one job row per instance version, claimed with a lease by the
-replication workers, acknowledged once the bucket copy is verified, or failed with a backoff.
+replication workers (renewed while an upload runs), acknowledged once the bucket copy is
+verified, or failed with a backoff.
 
 A job is created in the same transaction as its instance row (index/instances.py, with the
 statement below), so an acknowledged instance is never without its job.
@@ -119,6 +120,19 @@ class ReplicationQueue:
             ).execute()
             Inst.update(replicated_at=now).where(Inst.id == job.instance_id).execute()
         return True
+
+    def renew_lease(self, job_id: int, owner: str, lease_s: float) -> bool:
+        """Extend `owner`'s lease on a job it is still working on (a long upload) to
+        `lease_s` from now. False when the job is no longer `owner`'s (claimed by another
+        worker after the lease ran out, or acknowledged): that worker's result decides then."""
+        Job = self._m.ReplicationJob
+        with self._database.writing(f"renewing the lease of job {job_id}"):
+            renewed = (
+                Job.update(lease_until=utcnow() + timedelta(seconds=lease_s))
+                .where((Job.id == job_id) & (Job.lease_owner == owner) & (Job.state == "pending"))
+                .execute()
+            )
+        return renewed == 1
 
     def fail_job(self, job_id: int, owner: str, error: str, retry_in_s: float) -> None:
         """Keep the job, record why, and make it due again after `retry_in_s`."""

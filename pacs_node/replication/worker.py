@@ -3,19 +3,31 @@
 The queue is the `replication_job` table written by ingest in the same transaction as the
 instance row, so it survives crashes and restarts. A worker that dies loses only its lease:
 the job becomes due again when the lease expires (and at every start, when all leases are
-void). Transient failures (outage, timeouts, 5xx, a corrupted upload caught by verification)
-are retried with exponential backoff and jitter; permanent ones (access denied, no such
+void). While an upload runs, one heartbeat thread renews the leases of the jobs in flight
+every `lease_s / 3`, so a long upload is never handed to a second worker.
+
+What is acknowledged is always verified content, never a claim: an upload hashes the bytes as
+it sends them and stops before the last of them when their dataset SHA-256 is not the
+indexed one (`SourceMismatch` -> `CachedCopyCorrupt`), then is checked against what the
+store computed (ETag or read-back); a job for an evicted instance is acknowledged only after
+the bucket's copy is read back and hashes to the indexed SHA-256 (its metadata alone could
+have been written by anyone).
+
+Transient failures (outage, timeouts, 5xx, a corrupted upload caught by verification) are
+retried with exponential backoff and jitter; permanent ones (access denied, no such
 bucket, a different object at our key) keep the job, raise an alert, and are retried only
 after the longest backoff, so a misconfigured node never spins.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -27,6 +39,7 @@ from pacs_node.storage.target import (
     ObjectMeta,
     PermanentTargetError,
     ReplicationTarget,
+    SourceMismatch,
     TargetError,
 )
 
@@ -35,15 +48,30 @@ log = logging.getLogger(__name__)
 _IDLE_POLL_S = 1.0
 _INGEST_QUIET_S = 0.3  # no instance stored for this long: ingest is idle
 _DEFER_POLL_S = 0.1
+# Object Lock: the retain-until date sent is never earlier than this far ahead of now (see
+# `lock_until`): past the store's clock skew and the upload's own duration and retries.
+LOCK_MIN_AHEAD = timedelta(days=1)
 
 
 class CachedCopyCorrupt(PermanentTargetError):
     """The cached file no longer hashes to the indexed SHA-256: it is not uploaded."""
 
-    def __init__(self, cache_path: str) -> None:
+    def __init__(self, cache_path: str, detail: str = "") -> None:
         super().__init__(
             f"the cached file {cache_path} does not match its indexed SHA-256; not uploaded "
             "(run `pacs-node verify` to heal it from a verified copy)"
+            + (f" [{detail}]" if detail else "")
+        )
+
+
+class EvictedAndBucketCopyDamaged(PermanentTargetError):
+    """A job for an evicted instance whose bucket object, read back, is not its bytes."""
+
+    def __init__(self, key: str, actual: str, expected: str) -> None:
+        super().__init__(
+            f"the instance is not in the cache (evicted) and the object at {key} does not hash "
+            f"to its SHA-256 (read back {actual}, indexed {expected}), whatever its metadata "
+            "says: not acknowledged"
         )
 
 
@@ -61,6 +89,14 @@ def backoff_s(attempts: int, base_s: float, max_s: float, rng: random.Random) ->
     """Exponential backoff with full jitter in [0.5, 1.5) of the nominal delay."""
     nominal = min(max_s, base_s * 2 ** max(0, attempts - 1))
     return nominal * rng.uniform(0.5, 1.5)
+
+
+def lock_until(received_at: datetime, retention_days: int, now: datetime) -> datetime:
+    """The Object Lock retain-until date for an instance: `retention_days` from its receipt,
+    but never less than `LOCK_MIN_AHEAD` from now. A store refuses a date in the past, so an
+    instance replicated later than its retention period (an outage, a restore's re-upload)
+    would otherwise fail forever; it is kept at least that minimum instead."""
+    return max(received_at + timedelta(days=retention_days), now + LOCK_MIN_AHEAD)
 
 
 def object_meta(job: ClaimedJob) -> ObjectMeta:
@@ -108,6 +144,8 @@ class Replicator:
         self._rng = random.Random()
         self._last_ingest = 0.0
         self.stats = _Stats()
+        self._in_flight: dict[int, str] = {}  # job id -> owner, while its upload runs
+        self._in_flight_lock = threading.Lock()
 
     def start(self) -> None:
         released = self._index.release_all_leases()
@@ -119,6 +157,9 @@ class Replicator:
             )
             thread.start()
             self._threads.append(thread)
+        keeper = threading.Thread(target=self._keep_leases, name="replicator-leases", daemon=True)
+        keeper.start()
+        self._threads.append(keeper)
         log.info(
             "event=replication_started target=%r workers=%d",
             self.target.description,
@@ -193,20 +234,19 @@ class Replicator:
         if key is None:
             return
         try:
-            # Never send bytes that are not the instance: a cached file damaged since it was
-            # received would reach the bucket labelled with the right hash.
-            # The upload hashes the file again (MD5 and SHA-256 of all its bytes, for the
-            # server's checks): this pass needs only the dataset's SHA-256.
-            size, sha256 = self._cache.dataset_digest(job.cache_path, job.dataset_offset)
-            if sha256 != job.sha256 or size != job.file_size:
-                self._failed(owner, job, key, CachedCopyCorrupt(job.cache_path))
-                return
-            remote = self.target.put_instance(
-                key,
-                self._cache.path_of(job.cache_path),
-                object_meta(job),
-                object_lock_until=self._lock_until(job),
-            )
+            # Never send bytes that are not the instance: the upload hashes what it sends and
+            # stops before the last byte when the dataset SHA-256 is not the indexed one, so a
+            # cached file damaged since it was received never reaches the bucket.
+            with self._lease_kept(job.job_id, owner):
+                remote = self.target.put_instance(
+                    key,
+                    self._cache.path_of(job.cache_path),
+                    object_meta(job),
+                    object_lock_until=self._lock_until(job),
+                )
+        except SourceMismatch as e:
+            self._failed(owner, job, key, CachedCopyCorrupt(job.cache_path, str(e)))
+            return
         except TargetError as e:
             self._failed(owner, job, key, e)
             return
@@ -243,18 +283,33 @@ class Replicator:
             return
         try:
             remote = self.target.head(key)
+            if (
+                remote is None
+                or remote.meta is None
+                or remote.meta.sha256 != job.sha256
+                or remote.size != job.file_size
+            ):
+                self._failed(owner, job, key, EvictedAndNotInBucket(key))
+                return
+            # The metadata is a claim the object carries (anyone who can write the bucket
+            # could have put it there with other bytes): hash the content itself. No cached
+            # file means no local MD5 to compare an ETag with, so this is a read-back.
+            with self._lease_kept(job.job_id, owner):
+                got = self.target.digest(key, job.dataset_offset)
         except TargetError as e:
             self._failed(owner, job, key, e)
             return
-        if (
-            remote is None
-            or remote.meta is None
-            or remote.meta.sha256 != job.sha256
-            or remote.size != job.file_size
-        ):
+        if got is None:
             self._failed(owner, job, key, EvictedAndNotInBucket(key))
             return
-        self._index.ack_job(job.job_id, owner)
+        if got.dataset_sha256 != job.sha256 or got.size != job.file_size:
+            damaged = EvictedAndBucketCopyDamaged(key, got.dataset_sha256, job.sha256)
+            self._failed(owner, job, key, damaged)
+            return
+        if self._index.ack_job(job.job_id, owner):
+            log.info(
+                "event=replication_confirmed sop_uid=%s key=%s method=read-back", job.sop_uid, key
+            )
 
     def _failed(self, owner: str, job: ClaimedJob, key: str, error: Exception) -> None:
         permanent = isinstance(error, PermanentTargetError)
@@ -287,4 +342,40 @@ class Replicator:
         if not self._config.object_lock_mode:
             return None
         received = job.received_at.replace(tzinfo=UTC)
-        return received + timedelta(days=self._config.object_lock_retention_days)
+        return lock_until(received, self._config.object_lock_retention_days, datetime.now(UTC))
+
+    @contextlib.contextmanager
+    def _lease_kept(self, job_id: int, owner: str) -> Iterator[None]:
+        """While inside, the heartbeat thread renews this job's lease."""
+        with self._in_flight_lock:
+            self._in_flight[job_id] = owner
+        try:
+            yield
+        finally:
+            with self._in_flight_lock:
+                self._in_flight.pop(job_id, None)
+
+    def _keep_leases(self) -> None:
+        """Renew the lease of every job in flight every lease_s / 3: a 1-GB upload may take
+        longer than a lease, and another worker would then claim and upload it again.
+        One thread for all workers; it sleeps while nothing is in flight."""
+        lease_s = self._config.lease_s
+        interval = max(0.05, lease_s / 3)
+        try:
+            while not self._stopping.wait(interval):
+                with self._in_flight_lock:
+                    held = list(self._in_flight.items())
+                for job_id, owner in held:
+                    try:
+                        still = self._index.queue.renew_lease(job_id, owner, lease_s)
+                    except IndexFailure as e:  # try again next round; the lease still runs
+                        log.warning(
+                            "event=replication_lease_renew_failed job=%d error=%s", job_id, e
+                        )
+                        continue
+                    if not still:
+                        # Its ack will be refused (ack_job checks the owner); the upload itself
+                        # is harmless: a conditional put never replaces another's object.
+                        log.warning("event=replication_lease_lost job=%d owner=%s", job_id, owner)
+        finally:
+            self._index.release_thread()

@@ -28,6 +28,7 @@ from pacs_node.storage.target import (
     ObjectPrefix,
     PermanentTargetError,
     RemoteObject,
+    SourceMismatch,
     TargetError,
     TargetSettings,
     TransientTargetError,
@@ -140,13 +141,18 @@ class DirectoryTarget:
                 f"put key={key}: Object Lock retention is not available on a directory target"
             )
         final = self._path(key)
-        digest = digest_local(path, None)  # a missing local file is the caller's error, not ours
+        path.stat()  # a missing local file is the caller's error (OSError), not the target's
         with self._lock_for(key), _os_translated("put", key):
             if not self.root.is_dir():
                 raise PermanentTargetError(f"put key={key}: {self.root} is not a directory")
             existing = self.head(key)
             overwrite = False
             if existing is not None:
+                # Rare (a retry after a crash, a damaged copy): the local file is hashed first,
+                # and must be the instance before the copy there is judged by it or replaced.
+                digest = digest_local(path, None, dataset_offset=meta.dataset_offset)
+                if digest.dataset_sha256.hex() != meta.sha256:
+                    raise SourceMismatch(key, path, digest.dataset_sha256.hex(), meta.sha256)
                 if existing.meta is None and self._file_sha256(final) != digest.sha256:
                     raise ObjectConflict(
                         f"put key={key}: a file without (valid) metadata and with other bytes "
@@ -166,8 +172,8 @@ class DirectoryTarget:
                     return existing
                 log.warning("dir_overwrite_corrupted key=%s size=%d", key, existing.size)
                 overwrite = True
-            self._write(final, path, meta, digest, overwrite=overwrite)
-            return self._verify(key, final, digest)
+            written = self._write(key, final, path, meta, overwrite=overwrite)
+            return self._verify(key, final, written)
 
     def head(self, key: str) -> RemoteObject | None:
         final = self._path(key)
@@ -312,12 +318,16 @@ class DirectoryTarget:
         return self._tmp / f"{os.getpid()}-{os.urandom(8).hex()}.tmp"
 
     def _write(
-        self, final: Path, source: Path, meta: ObjectMeta, digest: LocalDigest, *, overwrite: bool
-    ) -> None:
+        self, key: str, final: Path, source: Path, meta: ObjectMeta, *, overwrite: bool
+    ) -> LocalDigest:
+        """Copy `source` in one read, hashing what is written; only bytes that are the
+        instance (dataset SHA-256 == meta.sha256) ever appear at the key."""
         self._durable_dirs.ensure(final.parent)
         tmp = self._tmp_file()
         try:
-            _copy_durably(source, tmp)
+            digest = _copy_durably(source, tmp, meta.dataset_offset)
+            if digest.dataset_sha256.hex() != meta.sha256:
+                raise SourceMismatch(key, source, digest.dataset_sha256.hex(), meta.sha256)
             self._install_sidecar(final, meta, digest)  # durable before the object appears
             if overwrite:
                 os.replace(tmp, final)  # only ever over a corrupted copy of this instance
@@ -333,6 +343,7 @@ class DirectoryTarget:
         finally:
             tmp.unlink(missing_ok=True)
         fsync_dir(self._tmp)
+        return digest
 
     def _install_sidecar(self, final: Path, meta: ObjectMeta, digest: LocalDigest) -> None:
         document = {
@@ -390,14 +401,25 @@ def _sidecar_path(final: Path) -> Path:
     return final.with_name(final.name + _SIDECAR_SUFFIX)
 
 
-def _copy_durably(source: Path, dest: Path) -> None:
+def _copy_durably(source: Path, dest: Path, dataset_offset: int = 0) -> LocalDigest:
+    """Copy and fsync; the digest is of the bytes written (one read of `source`)."""
+    md5 = hashlib.md5(usedforsecurity=False)
+    sha = hashlib.sha256()
+    dataset = hashlib.sha256()
+    size = 0
     with source.open("rb") as src:
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
             while chunk := src.read(READ_CHUNK):
+                md5.update(chunk)
+                sha.update(chunk)
+                if size + len(chunk) > dataset_offset:
+                    dataset.update(chunk[max(0, dataset_offset - size) :])
+                size += len(chunk)
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
+    return LocalDigest(size, md5.digest(), sha.digest(), dataset_sha256=dataset.digest())

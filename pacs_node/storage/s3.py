@@ -12,11 +12,19 @@ kept here:
   the server derived from the bytes it received (the MD5, or the multipart ETag), and where
   the ETag is not an MD5 (SSE-KMS, SSE-C, stores with their own ETag scheme) by reading the
   object back.
+- Upload exactly the bytes that were checked. The request body hashes what it hands to
+  botocore (`StreamDigest`): the MD5s the ETag is compared with and the dataset SHA-256 that
+  must equal the instance's. Before handing out the file's last bytes it compares that
+  SHA-256 and raises `SourceMismatch` instead, so the store never receives a complete body of
+  other bytes: a single PUT is cut short (no object), a multipart upload is aborted before
+  it is completed. Only the checksum headers (`checksum`, Content-MD5 under Object Lock) need
+  the file hashed before sending; with `checksum = "none"` and no lock the file is read once.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import re
@@ -51,6 +59,8 @@ from pacs_node.storage.target import (
     ObjectPrefix,
     PermanentTargetError,
     RemoteObject,
+    SourceMismatch,
+    StreamDigest,
     TargetError,
     TargetSettings,
     TransientTargetError,
@@ -138,12 +148,8 @@ class S3Target:
         object_lock_until: datetime | None = None,
     ) -> RemoteObject:
         lock_args = self._lock_args(object_lock_until)
-        size = _file_size(path)
-        part_size = self._part_size(size)
-        digest = digest_local(path, part_size)
-        if digest.size != size:
-            raise TransientTargetError(f"put key={key}: {path.name} changed while being read")
-        return self._put_new(_Put(key, path, meta, digest, lock_args), self._resolve_existing)
+        put = self._prepare(key, path, meta, lock_args)
+        return self._put_new(put, self._resolve_existing)
 
     def head(self, key: str) -> RemoteObject | None:
         try:
@@ -204,8 +210,7 @@ class S3Target:
         """Upload a plain object (an index snapshot, a manifest) from `path`, never replacing
         another one: the same bytes already there are an idempotent success, other bytes raise
         ObjectConflict. Verified against what the server computed, as instances are."""
-        digest = digest_local(path, self._part_size(_file_size(path)))
-        return self._put_new(_Put(key, path, None, digest), self._existing_plain)
+        return self._put_new(self._prepare(key, path, None, {}), self._existing_plain)
 
     def read_prefix(self, key: str, length: int) -> ObjectPrefix | None:
         """The first `length` bytes of the object with its size and metadata, from ONE ranged
@@ -280,7 +285,7 @@ class S3Target:
         existing = self.head(put.key)
         if existing is None:
             raise TransientTargetError(f"put key={put.key}: the object vanished; retry")
-        if self._content_matches(existing, put.digest):
+        if self._content_matches(existing, self._local_digest(put)):
             log.info("bucket_put_idempotent key=%s size=%d", put.key, existing.size)
             return existing
         raise ObjectConflict(
@@ -288,6 +293,31 @@ class S3Target:
         )
 
     # -- put internals ------------------------------------------------------------------------
+
+    def _prepare(
+        self, key: str, path: Path, meta: ObjectMeta | None, lock_args: dict[str, Any]
+    ) -> _Put:
+        """The put, with the digests its request headers need computed beforehand (none
+        with `checksum = "none"` and no Object Lock: the file is then read once, to send it)."""
+        size = _file_size(path)
+        part_size = self._part_size(size)
+        sha256s = self.settings.checksum == "sha256"
+        md5s = self.settings.checksum == "md5" or bool(lock_args)
+        headers = None
+        if sha256s or md5s:
+            headers = digest_local(path, part_size, md5s=md5s, sha256s=sha256s)
+            if headers.size != size:
+                raise TransientTargetError(f"put key={key}: {path.name} changed while being read")
+        return _Put(key, path, meta, size, part_size, headers, lock_args)
+
+    def _local_digest(self, put: _Put) -> LocalDigest:
+        """Everything about the local file, in one pass: for deciding about an object already
+        at the key (rare: a retry after a crash, a corrupted copy). For an instance, the local
+        bytes must be the instance before anything is judged equal to them or replaced."""
+        local = digest_local(put.path, put.part_size, dataset_offset=put.dataset_offset)
+        if put.meta is not None and local.dataset_sha256.hex() != put.meta.sha256:
+            raise SourceMismatch(put.key, put.path, local.dataset_sha256.hex(), put.meta.sha256)
+        return local
 
     def _part_size(self, size: int) -> int | None:
         if size < self.settings.multipart_threshold_bytes:
@@ -324,6 +354,8 @@ class S3Target:
 
     def _body_checksum_args(self, put: _Put, md5: bytes, sha256: bytes) -> dict[str, str]:
         args: dict[str, str] = {}
+        if put.headers is None:
+            return args
         if self.settings.checksum == "sha256":
             # Our precomputed value (botocore does not hash again); the algorithm header makes
             # stores (and moto) keep it for a later HEAD with ChecksumMode.
@@ -336,17 +368,20 @@ class S3Target:
 
     def _upload(
         self, put: _Put, *, if_none_match: bool = False, if_match: str | None = None
-    ) -> None:
+    ) -> StreamDigest:
+        """One upload attempt; returns the hashes of the bytes it sent."""
         condition: dict[str, str] = {}
         if if_none_match:
             condition["IfNoneMatch"] = "*"
         if if_match is not None:
             condition["IfMatch"] = f'"{if_match}"'
+        sent = StreamDigest(put.size, put.dataset_offset, multipart=put.part_size is not None)
         try:
-            if put.digest.part_size is None:
-                self._put_single(put, condition)
+            if put.part_size is None:
+                self._put_single(put, sent, condition)
             else:
-                self._put_multipart(put, condition)
+                self._put_multipart(put, sent, condition)
+            return sent
         except botocore.exceptions.ClientError as e:
             code, status = error_code(e)
             if status == 412 or code == "PreconditionFailed":
@@ -359,34 +394,47 @@ class S3Target:
         except (ConnectionError, TimeoutError) as e:
             raise classify(e, "put", put.key) from e
 
-    def _put_single(self, put: _Put, condition: dict[str, str]) -> None:
-        digest = put.digest
-        with put.path.open("rb") as body:
+    def _put_single(self, put: _Put, sent: StreamDigest, condition: dict[str, str]) -> None:
+        headers = put.headers
+        checksum = self._body_checksum_args(
+            put, headers.md5 if headers else b"", headers.sha256 if headers else b""
+        )
+        with _SentSegment(put, sent, 0, put.size) as body:
             self._client.put_object(
                 Body=body,
-                ContentLength=digest.size,
+                ContentLength=put.size,
                 **self._common_args(put),
-                **self._body_checksum_args(put, digest.md5, digest.sha256),
+                **checksum,
                 **condition,
             )
-        log.debug("bucket_put key=%s size=%d parts=1", put.key, digest.size)
+        sent.end_part()
+        # The body checks the dataset SHA-256 before its last bytes; this is the backstop for
+        # a body botocore did not read to its end. A complete object of other bytes would be
+        # left "ours, corrupted" by its metadata: never acknowledged, and replaced by the next
+        # attempt only once the local bytes are proven to be the instance (_resolve_existing).
+        self._check_sent(put, sent)
+        log.debug("bucket_put key=%s size=%d parts=1", put.key, put.size)
 
-    def _put_multipart(self, put: _Put, condition: dict[str, str]) -> None:
-        digest = put.digest
-        assert digest.part_size is not None
+    def _put_multipart(self, put: _Put, sent: StreamDigest, condition: dict[str, str]) -> None:
+        part_size = put.part_size
+        assert part_size is not None
+        headers = put.headers
         create_args = self._common_args(put)
         if self.settings.checksum == "sha256":
             create_args["ChecksumAlgorithm"] = "SHA256"
         upload_id = self._client.create_multipart_upload(**create_args)["UploadId"]
         try:
             parts = []
-            for index in range(digest.parts):
-                start = index * digest.part_size
-                length = min(digest.part_size, digest.size - start)
+            count = max(1, -(-put.size // part_size))
+            for index in range(count):
+                start = index * part_size
+                length = min(part_size, put.size - start)
                 checksum = self._body_checksum_args(
-                    put, digest.part_md5s[index], digest.part_sha256s[index]
+                    put,
+                    headers.part_md5s[index] if headers and headers.part_md5s else b"",
+                    headers.part_sha256s[index] if headers and headers.part_sha256s else b"",
                 )
-                with FileSegment(put.path, start, length) as body:
+                with _SentSegment(put, sent, start, length) as body:
                     response = self._client.upload_part(
                         Bucket=self.settings.bucket,
                         Key=put.key,
@@ -397,10 +445,13 @@ class S3Target:
                         **checksum,
                         **self._sse_c_args,
                     )
+                sent.end_part()
                 part = {"PartNumber": index + 1, "ETag": response["ETag"]}
                 if "ChecksumSHA256" in checksum:
                     part["ChecksumSHA256"] = checksum["ChecksumSHA256"]
                 parts.append(part)
+            # Nothing exists at the key until this call: what was sent must be the instance.
+            self._check_sent(put, sent)
             self._client.complete_multipart_upload(
                 Bucket=self.settings.bucket,
                 Key=put.key,
@@ -412,7 +463,16 @@ class S3Target:
         except BaseException:
             self._abort_multipart(put.key, upload_id)
             raise
-        log.debug("bucket_put key=%s size=%d parts=%d", put.key, digest.size, digest.parts)
+        log.debug("bucket_put key=%s size=%d parts=%d", put.key, put.size, len(parts))
+
+    @staticmethod
+    def _check_sent(put: _Put, sent: StreamDigest) -> None:
+        if not sent.complete:
+            raise TransientTargetError(
+                f"put key={put.key}: the body sent was not the file read in order; retry"
+            )
+        if put.meta is not None and sent.dataset_sha256() != put.meta.sha256:
+            raise SourceMismatch(put.key, put.path, sent.dataset_sha256(), put.meta.sha256)
 
     def _abort_multipart(self, key: str, upload_id: str) -> None:
         """Best effort: an upload left behind costs storage until a lifecycle rule ends it."""
@@ -429,7 +489,7 @@ class S3Target:
         (stores without conditional writes have one writer per key)."""
         if self._conditional:
             try:
-                self._upload(put, if_none_match=True)
+                sent = self._upload(put, if_none_match=True)
             except _ConditionalUnsupported:
                 with self._lock:
                     self._conditional = False
@@ -440,11 +500,10 @@ class S3Target:
             except _PreconditionFailed:
                 return on_existing(put)
             else:
-                return self._verify(put)
+                return self._verify(put, sent)
         if self.head(put.key) is not None:
             return on_existing(put)
-        self._upload(put)
-        return self._verify(put)
+        return self._verify(put, self._upload(put))
 
     def _resolve_existing(self, put: _Put) -> RemoteObject:
         """Something already lives at the key: ours and intact, ours and corrupted, or not ours."""
@@ -458,47 +517,51 @@ class S3Target:
                 f"put key={put.key}: a different instance lives there "
                 f"(sha256 {theirs}, ours {put.meta.sha256}); it is never replaced"
             )
-        if self._content_matches(existing, put.digest):
+        # Never judge, nor replace, the bucket's copy by local bytes that are not the instance.
+        local = self._local_digest(put)
+        if self._content_matches(existing, local):
             log.info("bucket_put_idempotent key=%s size=%d", put.key, existing.size)
             return existing
         log.warning(
             "bucket_overwrite_corrupted key=%s remote_size=%d local_size=%d remote_etag=%s",
             put.key,
             existing.size,
-            put.digest.size,
+            put.size,
             existing.etag,
         )
         try:
             if self._conditional and existing.etag:
                 # Replace only the very object judged corrupted, not whatever came since.
-                self._upload(put, if_match=existing.etag)
+                sent = self._upload(put, if_match=existing.etag)
             else:
-                self._upload(put)
+                sent = self._upload(put)
         except _PreconditionFailed as e:
             raise TransientTargetError(f"put key={put.key}: the object changed; retry") from e
         except _ConditionalUnsupported:
-            self._upload(put)
-        return self._verify(put)
+            sent = self._upload(put)
+        return self._verify(put, sent)
 
-    def _content_matches(self, remote: RemoteObject, digest: LocalDigest) -> bool:
-        if remote.size != digest.size:
+    def _content_matches(self, remote: RemoteObject, local: LocalDigest) -> bool:
+        if remote.size != local.size:
             return False
-        if self._etag_is_md5 and remote.etag == digest.etag:
+        if self._etag_is_md5 and remote.etag == local.etag:
             return True
         # Not an MD5 ETag (SSE-KMS/C, another part size, a store's own scheme): read it back.
-        return self._read_back_sha256(remote.key) == digest.sha256
+        got = self.digest(remote.key, 0)
+        return got is not None and got.size == local.size and got.md5 == local.md5.hex()
 
-    def _verify(self, put: _Put) -> RemoteObject:
-        """Check the stored object against what the server computed itself (never the echo)."""
+    def _verify(self, put: _Put, sent: StreamDigest) -> RemoteObject:
+        """Check the stored object against what the server computed itself (never the echo)
+        and against the bytes that were sent (hashed as they were sent)."""
         remote = self.head(put.key)
         if remote is None:
             raise TransientTargetError(f"verify key={put.key}: not found right after the upload")
-        if remote.size != put.digest.size:
+        if remote.size != sent.size:
             raise TransientTargetError(
-                f"verify key={put.key}: corrupted upload (size {remote.size}, "
-                f"expected {put.digest.size})"
+                f"verify key={put.key}: corrupted upload (size {remote.size}, expected {sent.size})"
             )
-        if self._etag_is_md5 and remote.etag == put.digest.etag:
+        expected = sent.etag(put.part_size is not None)
+        if self._etag_is_md5 and remote.etag == expected:
             log.debug("bucket_verified key=%s method=etag", put.key)
             return remote
         if self._etag_is_md5:
@@ -506,22 +569,17 @@ class S3Target:
                 "bucket_etag_not_md5 key=%s etag=%s expected=%s action=read-back",
                 put.key,
                 remote.etag,
-                put.digest.etag,
+                expected,
             )
-        actual = self._read_back_sha256(put.key)
-        if actual != put.digest.sha256:
+        got = self.digest(put.key, put.dataset_offset)
+        if got is None or got.md5 != sent.md5() or got.dataset_sha256 != sent.dataset_sha256():
+            actual = got.dataset_sha256 if got else "nothing"
             raise TransientTargetError(
-                f"verify key={put.key}: corrupted upload (SHA-256 read back {actual.hex()}, "
-                f"expected {put.digest.sha256.hex()})"
+                f"verify key={put.key}: corrupted upload (SHA-256 read back {actual}, "
+                f"expected {sent.dataset_sha256()})"
             )
         log.debug("bucket_verified key=%s method=read-back", put.key)
         return remote
-
-    def _read_back_sha256(self, key: str) -> bytes:
-        sha = hashlib.sha256()
-        with translated("read back", key):
-            self._stream_object(key, sha.update)
-        return sha.digest()
 
     def _stream_object(self, key: str, sink: Any) -> tuple[str, int, dict[str, Any]]:
         response = self._client.get_object(Bucket=self.settings.bucket, Key=key, **self._sse_c_args)
@@ -565,8 +623,50 @@ class _Put:
     key: str
     path: Path
     meta: ObjectMeta | None  # None: a plain object (an index snapshot), no instance metadata
-    digest: LocalDigest
+    size: int
+    part_size: int | None  # None: a single PUT
+    headers: LocalDigest | None  # hashed before sending, for the checksum headers only
     lock_args: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dataset_offset(self) -> int:
+        return self.meta.dataset_offset if self.meta is not None else 0
+
+
+class _SentSegment(FileSegment):
+    """One part of the file as a request body (a seekable window) that hashes what it hands
+    out into the upload's `StreamDigest`. Where the window ends the file, it compares the
+    dataset SHA-256 with the instance's before handing out its last bytes and raises
+    `SourceMismatch` instead: the request then fails with the body incomplete, so the store
+    keeps nothing of it."""
+
+    def __init__(self, put: _Put, sent: StreamDigest, start: int, length: int) -> None:
+        super().__init__(put.path, start, length)
+        self._put = put
+        self._sent = sent
+        self._ends_file = start + length == put.size
+        sent.begin_part(start)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        position = super().seek(offset, whence)
+        if position == 0:
+            self._sent.rewind_part()  # read again (signing, then sending; a retry)
+        return position
+
+    def read(self, size: int | None = -1) -> bytes:
+        position = self._start + self.tell()
+        data = super().read(size)
+        if not data:
+            # The file shrank: the request would wait for bytes that never come.
+            if size != 0 and self.tell() < self._length:
+                raise TransientTargetError(f"put key={self._put.key}: {self._put.path.name} shrank")
+            return data
+        self._sent.update(position, data)
+        if self._ends_file and self.tell() == self._length and self._put.meta is not None:
+            actual = self._sent.dataset_sha256()
+            if actual != self._put.meta.sha256:
+                raise SourceMismatch(self._put.key, self._put.path, actual, self._put.meta.sha256)
+        return data
 
 
 def _strip_etag(etag: str | None) -> str | None:

@@ -199,6 +199,19 @@ class ObjectConflict(PermanentTargetError):
     """A different instance (other sha256) already lives at the key: it is never replaced."""
 
 
+class SourceMismatch(PermanentTargetError):
+    """The local file's dataset bytes do not hash to the instance's SHA-256 (`meta.sha256`):
+    they are not the instance. Raised from the upload's own hashing, before the last byte
+    reaches the store (so no object is created or replaced with them); never acknowledged."""
+
+    def __init__(self, key: str, path: Path, actual: str, expected: str) -> None:
+        super().__init__(
+            f"put key={key}: {path.name} does not hash to the instance's SHA-256 (dataset "
+            f"SHA-256 {actual}, expected {expected}); nothing of it was stored"
+        )
+        self.path = path
+
+
 # ---------------------------------------------------------------------------------------------
 # Settings and the interface
 
@@ -312,6 +325,7 @@ class LocalDigest:
     part_size: int | None = None  # None: a single PUT
     part_md5s: tuple[bytes, ...] = ()
     part_sha256s: tuple[bytes, ...] = ()
+    dataset_sha256: bytes = b""  # of the bytes from `dataset_offset` on (digest_local's)
 
     @property
     def etag(self) -> str:
@@ -326,10 +340,23 @@ class LocalDigest:
         return len(self.part_md5s)
 
 
-def digest_local(path: Path, part_size: int | None) -> LocalDigest:
-    """One streaming pass over `path`; `part_size` None: hashes for a single PUT."""
+def digest_local(
+    path: Path,
+    part_size: int | None,
+    *,
+    dataset_offset: int = 0,
+    md5s: bool = True,
+    sha256s: bool = True,
+) -> LocalDigest:
+    """One streaming pass over `path`; `part_size` None: hashes for a single PUT.
+
+    `md5s`/`sha256s` False leave those digests empty (b"", ()): a put computes before sending
+    only what its request headers need; what it sent is hashed while sending (`StreamDigest`).
+    The dataset SHA-256 (from `dataset_offset` on) is computed only with `sha256s`.
+    """
     md5 = hashlib.md5(usedforsecurity=False)
     sha = hashlib.sha256()
+    dataset = hashlib.sha256()
     part_md5s: list[bytes] = []
     part_shas: list[bytes] = []
     size = 0
@@ -343,21 +370,107 @@ def digest_local(path: Path, part_size: int | None) -> LocalDigest:
                 chunk = f.read(min(READ_CHUNK, limit - got))
                 if not chunk:
                     break
+                position = size + got
                 got += len(chunk)
-                md5.update(chunk)
-                sha.update(chunk)
-                if part_size is not None:
-                    part_md5.update(chunk)
-                    part_sha.update(chunk)
+                if md5s:
+                    md5.update(chunk)
+                    if part_size is not None:
+                        part_md5.update(chunk)
+                if sha256s:
+                    sha.update(chunk)
+                    if position + len(chunk) > dataset_offset:
+                        dataset.update(chunk[max(0, dataset_offset - position) :])
+                    if part_size is not None:
+                        part_sha.update(chunk)
             size += got
             if part_size is not None and got:
-                part_md5s.append(part_md5.digest())
-                part_shas.append(part_sha.digest())
+                if md5s:
+                    part_md5s.append(part_md5.digest())
+                if sha256s:
+                    part_shas.append(part_sha.digest())
             if got < limit:
                 break
     return LocalDigest(
-        size, md5.digest(), sha.digest(), part_size, tuple(part_md5s), tuple(part_shas)
+        size,
+        md5.digest() if md5s else b"",
+        sha.digest() if sha256s else b"",
+        part_size,
+        tuple(part_md5s),
+        tuple(part_shas),
+        dataset.digest() if sha256s else b"",
     )
+
+
+class StreamDigest:
+    """The hashes of the bytes of one file as an upload sends them, in order: the MD5 of the
+    whole (a single PUT's ETag) and of each part (the multipart ETag), and the SHA-256 from
+    `dataset_offset` on (the instance's identity). So what is verified is what was sent, not
+    a second reading of the file that may differ from it.
+
+    Parts are sent one after the other; a part may be rewound (botocore reads a body once to
+    sign it over plain HTTP, and again for a retry): `begin_part` keeps the state to go back
+    to, `rewind_part` restores it. Bytes hashed out of order make the digest `broken`, which
+    no verification accepts.
+    """
+
+    def __init__(self, size: int, dataset_offset: int, *, multipart: bool = False) -> None:
+        self.size = size
+        self.dataset_offset = dataset_offset
+        self.multipart = multipart  # single PUT: the whole file's MD5 is the part's (one MD5)
+        self._md5 = hashlib.md5(usedforsecurity=False)
+        self._dataset = hashlib.sha256()
+        self._part_md5 = hashlib.md5(usedforsecurity=False)
+        self._position = 0  # next byte of the file to hash
+        self._part_start = 0
+        self._saved = (self._md5.copy(), self._dataset.copy())
+        self.part_md5s: list[bytes] = []
+        self.broken = False
+
+    def begin_part(self, start: int) -> None:
+        if start != self._position:
+            self.broken = True
+        self._part_start = start
+        self._part_md5 = hashlib.md5(usedforsecurity=False)
+        self._saved = (self._md5.copy(), self._dataset.copy())
+
+    def rewind_part(self) -> None:
+        self._md5, self._dataset = (h.copy() for h in self._saved)
+        self._part_md5 = hashlib.md5(usedforsecurity=False)
+        self._position = self._part_start
+
+    def update(self, position: int, chunk: bytes) -> None:
+        if position != self._position:
+            self.broken = True  # not contiguous: what was sent is not what is hashed
+            return
+        self._md5.update(chunk)
+        if self.multipart:
+            self._part_md5.update(chunk)
+        if position >= self.dataset_offset:
+            self._dataset.update(chunk)
+        elif position + len(chunk) > self.dataset_offset:
+            self._dataset.update(memoryview(chunk)[self.dataset_offset - position :])
+        self._position += len(chunk)
+
+    def end_part(self) -> None:
+        self.part_md5s.append((self._part_md5 if self.multipart else self._md5).digest())
+
+    @property
+    def complete(self) -> bool:
+        return not self.broken and self._position == self.size
+
+    def dataset_sha256(self) -> str:
+        """The dataset SHA-256 so far (hex); the final one once `complete`."""
+        return self._dataset.copy().hexdigest()
+
+    def md5(self) -> str:
+        return self._md5.hexdigest()
+
+    def etag(self, multipart: bool) -> str:
+        """The ETag S3 computes from the bytes sent (without SSE-KMS/C)."""
+        if not multipart:
+            return self._md5.hexdigest()
+        combined = hashlib.md5(b"".join(self.part_md5s), usedforsecurity=False).hexdigest()
+        return f"{combined}-{len(self.part_md5s)}"
 
 
 def one_line(text: str, limit: int = 300) -> str:
