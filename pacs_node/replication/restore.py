@@ -30,6 +30,10 @@ Everything is written to `<index>.restoring` beside the index and renamed into p
 when complete and checked: a crash mid-restore leaves no index (so `--if-missing` runs again at
 the next boot), only work files that the next restore removes. The bucket and the cache files
 are only read.
+
+Here: the flow, its options and its report. The work files, the snapshot's fetch and the
+install are `restore_workspace.py`; reading objects (and --verify's hashing) `object_reader.py`;
+the cache files `reindex.py`.
 """
 
 from __future__ import annotations
