@@ -11,7 +11,6 @@ whole, which deflated instances, being small, allow.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import struct
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from pydicom.filewriter import dcmwrite, write_dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 
 from pacs_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from pacs_node.storage.cache import digest_file
 
 DEFER_SIZE = 256 * 1024  # larger values are read from the file only if they are kept
 _CHUNK = 1024 * 1024
@@ -192,12 +192,7 @@ def write_output(source: Source, dest: Path) -> Written:
 
 
 def digest(path: Path) -> Written:
-    sha = hashlib.sha256()
-    md5 = hashlib.md5(usedforsecurity=False)
-    size = 0
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            sha.update(chunk)
-            md5.update(chunk)
-            size += len(chunk)
-    return Written(size, sha.hexdigest(), md5.hexdigest())
+    """Size, SHA-256 and MD5 of the whole written file (the cache's one streaming hash, from
+    offset 0)."""
+    got = digest_file(path, 0)
+    return Written(got.size, got.dataset_sha256, got.md5)

@@ -16,6 +16,7 @@ the index from the cache and the bucket together (`pacs-node reindex`).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import struct
@@ -28,8 +29,11 @@ from pacs_node.dataset import DatasetUnreadable, read_attributes
 from pacs_node.index import IndexFailure, InstanceAttributes
 from pacs_node.index.records import RestoredInstance
 from pacs_node.index.restore import index_file_problem
+from pacs_node.progress import Progress
+from pacs_node.replication.object_reader import Problem, parallel, with_retries
 from pacs_node.storage.cache import INCOMING_DIR, digest_file
 from pacs_node.storage.layout import InvalidUID, locate
+from pacs_node.storage.target import RemoteObject, ReplicationTarget
 
 _VERSION_RE = re.compile(r"^(?P<sop>.+?)(\.v(?P<version>[0-9]+))?\.dcm$")
 # Explicit VR little endian elements whose length field is 4 bytes (after 2 reserved ones).
@@ -49,6 +53,9 @@ _LONG_VRS = {
     b"UV",
 }
 _MAX_META = 64 * 1024
+_MD5_RE = re.compile(r"^[0-9a-f]{32}$")
+# The restore events below are logged under restore's name, as before they moved here.
+_restore_log = logging.getLogger("pacs_node.replication.restore")
 
 REINDEX_HINT = (
     "run `pacs-node reindex` (it moves a damaged index aside, never deletes it, and rebuilds "
@@ -257,3 +264,80 @@ def move_aside(index_path: Path) -> Path:
     finally:
         os.close(fd)
     return aside
+
+
+# -- the cache side of restore ----------------------------------------------------------------
+
+
+def scan_cache(
+    cache_root: Path, concurrency: int, progress: Progress, skipped: list[Problem]
+) -> dict[str, CachedFile]:
+    """Every instance file of the cache, hashed, by relative path (= its key below the
+    instances prefix). A file that is not one is reported (appended to `skipped`) and left
+    where it is."""
+    files = instance_files(cache_root)
+    found: dict[str, CachedFile] = {}
+    if not files:
+        return found
+    by_name = {str(p): p for p in files}
+
+    def read(name: str) -> CachedFile | Problem:
+        path = by_name[name]
+        try:
+            return read_cached(cache_root, path)
+        except NotAnInstanceFile as e:
+            return Problem(str(path), None, None, f"cache file not indexed, left in place: {e}")
+
+    progress.begin("reading the cache", len(files))
+    try:
+        for outcome in parallel(read, sorted(by_name), concurrency):
+            progress.advance()
+            if isinstance(outcome, Problem):
+                skip_file(skipped, outcome)
+            else:
+                found[outcome.relative_path] = outcome
+    finally:
+        progress.end()
+    return found
+
+
+def skip_file(skipped: list[Problem], problem: Problem) -> None:
+    skipped.append(problem)
+    _restore_log.warning("event=restore_cache_file_skipped path=%s", problem.key)
+
+
+def same_bytes(
+    target: ReplicationTarget, key: str, remote: RemoteObject, cached: CachedFile
+) -> str | None:
+    """None when the object at `key` holds the cached file's bytes, else how it differs:
+    by its ETag where that is the MD5 of the content, else by reading it back."""
+    if remote.size != cached.size:
+        return f"the object has {remote.size} bytes, the good cached file {cached.size}"
+    etag = remote.etag or ""
+    if target.etag_is_content_md5 and _MD5_RE.match(etag):
+        return None if etag == cached.md5 else f"its ETag {etag} is not the cached file's MD5"
+    got = with_retries(lambda: target.digest(key, cached.dataset_offset))
+    if got is None:
+        return "the object vanished"
+    if got.size != cached.size or got.dataset_sha256 != cached.sha256:
+        return f"read back, its dataset SHA-256 is {got.dataset_sha256}"
+    return None
+
+
+def cache_damaged(damaged: list[Problem], key: str, cached: CachedFile, sop_uid: str) -> None:
+    """A cached file whose bytes are not the instance's: reported, left in place, not used."""
+    damaged.append(
+        Problem(
+            key,
+            sop_uid,
+            cached.version,
+            f"the cached file {cached.relative_path} does not hash to the instance's SHA-256 "
+            f"(dataset SHA-256 {cached.sha256}); left in place, not used",
+        )
+    )
+    _restore_log.error(
+        "event=restore_cache_file_damaged sop_uid=%s version=%d path=%s",
+        sop_uid,
+        cached.version,
+        cached.relative_path,
+    )

@@ -309,20 +309,31 @@ class _Verifier:
             return "corrupt", f"downloaded dataset sha256 {got.dataset_sha256}"
         return "ok", "download"
 
-    def _check_bucket_against_good_cache(
-        self, copy: IndexedCopy, key: str, cached: FileDigest
-    ) -> None:
+    def _bucket_counted(
+        self, copy: IndexedCopy, key: str, cached: FileDigest | None
+    ) -> tuple[str, str] | None:
+        """The bucket copy's state, counted in the report: None when it is good (the row
+        confirmed), else (state, why)."""
         state, why = self._bucket_state(copy, key, cached)
         if state == "ok":
             self.report.bucket_ok += 1
             self._confirm(copy)
-            return
+            return None
         if state == "missing":
             self.report.bucket_missing += 1
         elif state == "corrupt":
             self.report.bucket_corrupt += 1
         else:
             self.report.bucket_conflict += 1
+        return state, why
+
+    def _check_bucket_against_good_cache(
+        self, copy: IndexedCopy, key: str, cached: FileDigest
+    ) -> None:
+        found = self._bucket_counted(copy, key, cached)
+        if found is None:
+            return
+        state, why = found
         log.warning(
             "event=verify_bucket_%s sop_uid=%s version=%d key=%s why=%r action=requeue",
             state,
@@ -349,17 +360,10 @@ class _Verifier:
         if self._target is None:
             self.report.bucket_not_checked += 1
             return
-        state, why = self._bucket_state(copy, key, None)
-        if state == "ok":
-            self.report.bucket_ok += 1
-            self._confirm(copy)
+        found = self._bucket_counted(copy, key, None)
+        if found is None:
             return
-        if state == "missing":
-            self.report.bucket_missing += 1
-        elif state == "corrupt":
-            self.report.bucket_corrupt += 1
-        else:
-            self.report.bucket_conflict += 1
+        state, why = found
         if copy.bucket_state is not None:
             self._damaged_ids.append(copy.instance_id)
         self._unrecoverable(copy, f"not in the cache and the bucket copy is {state}: {why}")
