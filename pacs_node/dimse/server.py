@@ -9,6 +9,7 @@ tiny, so pynetdicom's per-association copy of it costs nothing.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import socket
 import ssl
@@ -24,7 +25,12 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from pacs_node.audit import AuditLog
 from pacs_node.config import Config, TlsConfig
-from pacs_node.dimse.access import LOCAL_LIMIT_EXCEEDED, AccessPolicy, Refusal
+from pacs_node.dimse.access import (
+    LOCAL_LIMIT_EXCEEDED,
+    AccessPolicy,
+    PeerCertificate,
+    Refusal,
+)
 from pacs_node.dimse.commitment import CommitmentService
 from pacs_node.dimse.qr import QR_MODELS, QueryRetrieveService
 from pacs_node.dimse.receive import StoreReceiver, TunedSocket, quickack
@@ -73,8 +79,11 @@ class _PolicyACSE(ACSE):
         called = str(request.called_ae_title).strip()
         peer_host = str(self.requestor.address)
         peer = f"{peer_host}:{self.requestor.port}"
-        tls = _tls_fields(self.assoc.dul.socket.socket if self.assoc.dul.socket else None)
-        refusal = self.policy.check_association(calling, called, peer_host)
+        certificate = peer_certificate(
+            self.assoc.dul.socket.socket if self.assoc.dul.socket else None
+        )
+        tls = _tls_fields(certificate)
+        refusal = self.policy.check_association(calling, called, peer_host, certificate)
         if refusal is None and self._established_acceptors() >= self.max_associations:
             refusal = Refusal(
                 f"dicom.max_associations ({self.max_associations}) associations are open",
@@ -132,18 +141,33 @@ _RDN_NAMES = {
 }
 
 
-def _tls_fields(sock: socket.socket | None) -> dict[str, str]:
-    """For the audit: the TLS version and the subject of the peer's verified certificate."""
+def peer_certificate(sock: socket.socket | None) -> PeerCertificate | None:
+    """What a TLS connection showed (None for a plain one): only a verified certificate counts,
+    and the server asks for one only when tls.ca_certificates is set."""
     if not isinstance(sock, ssl.SSLSocket):
+        return None
+    version = str(sock.version())
+    der = sock.getpeercert(binary_form=True)
+    decoded = sock.getpeercert()
+    if not der or not decoded:
+        return PeerCertificate(version)
+    subject = tuple(
+        (_RDN_NAMES.get(key, key), str(value))
+        for rdn in decoded.get("subject", ())
+        for key, value in rdn
+    )
+    sans = tuple(str(value) for _, value in decoded.get("subjectAltName", ()))
+    return PeerCertificate(version, subject, sans, hashlib.sha256(der).hexdigest())
+
+
+def _tls_fields(certificate: PeerCertificate | None) -> dict[str, str]:
+    """For the audit: the TLS version, the subject and fingerprint of the peer's certificate."""
+    if certificate is None:
         return {}
-    fields = {"tls": str(sock.version())}
-    certificate = sock.getpeercert()
-    if certificate:
-        fields["tls_subject"] = ",".join(
-            f"{_RDN_NAMES.get(key, key)}={value}"
-            for rdn in certificate.get("subject", ())
-            for key, value in rdn
-        )
+    fields = {"tls": certificate.version}
+    if certificate.sha256 is not None:
+        fields["tls_subject"] = certificate.subject_text
+        fields["tls_sha256"] = certificate.sha256
     return fields
 
 
@@ -277,8 +301,10 @@ class DicomServer:
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return self._server.server_address[1]
+        """The plain port, or the TLS port when the plain listener is off."""
+        server = self._server or self._tls_server
+        assert server is not None
+        return server.server_address[1]
 
     def start(self) -> None:
         configure_pynetdicom()
@@ -311,8 +337,11 @@ class DicomServer:
         # A bad certificate or key stops the start, before anything listens.
         context = tls_context(self.config.tls) if self.config.tls.enabled else None
         self._ae = ae
-        self._server, self._thread = self._listen(ae, (d.host, d.port), handlers, None)
-        log.info("event=listening ae_title=%s host=%s port=%d", d.ae_title, d.host, self.port)
+        if self.config.tls.plain_listener:
+            self._server, self._thread = self._listen(ae, (d.host, d.port), handlers, None)
+            log.info("event=listening ae_title=%s host=%s port=%d", d.ae_title, d.host, self.port)
+        else:
+            log.info("event=plain_listener_off ae_title=%s host=%s", d.ae_title, d.host)
         if context is not None:
             self._tls_server, self._tls_thread = self._listen(
                 ae, (d.host, self.config.tls.port), handlers, context
@@ -373,9 +402,10 @@ class DicomServer:
         is lost (the sender keeps its copy and resends), and a modality holding an idle
         association open cannot keep the node from stopping.
         """
-        if self._server is None or self._ae is None:
+        if (self._server is None and self._tls_server is None) or self._ae is None:
             return
-        self._server.shutdown()  # closes the listening socket; established ones go on
+        if self._server is not None:
+            self._server.shutdown()  # closes the listening socket; established ones go on
         if self._tls_server is not None:
             self._tls_server.shutdown()
         receivers = [
@@ -396,3 +426,4 @@ class DicomServer:
         self.commitment.join()  # reports in flight end with their associations
         self.query_retrieve.stop()
         self._server = None
+        self._tls_server = None
