@@ -37,6 +37,7 @@ from pacs_node.dimse.receive import StoreReceiver, TunedSocket, quickack
 from pacs_node.dimse.status import NOT_AUTHORIZED, SUCCESS
 from pacs_node.index import Index
 from pacs_node.ingest import Ingest
+from pacs_node.phi import keep_values_out_of_logs
 from pacs_node.storage.cache import Cache
 from pacs_node.storage.target import ReplicationTarget
 
@@ -53,6 +54,7 @@ def configure_pynetdicom() -> None:
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    keep_values_out_of_logs()  # pydicom quotes malformed values (a birth date, an ID) in warnings
 
 
 class _PolicyACSE(ACSE):
