@@ -127,6 +127,11 @@ class AuditConfig:
     # The current file is rotated (renamed with its last sequence number) at this size; the
     # hash chain continues into the next file.
     max_bytes: int = 64 * 1024**2
+    # With a replication target: the chain's head (seq and hash) is written to the bucket as a
+    # small object at most this often (seconds; only when it moved; 0 = only at a clean stop),
+    # so `audit verify` sees a cut tail or a rewritten chain. Records after the last anchor are
+    # vouched for by the chain alone.
+    anchor_interval_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -639,6 +644,9 @@ def build_config(
     audit = AuditConfig(
         path=s.path("path", resolved_data_dir / "audit" / "audit.jsonl", resolved_data_dir),
         max_bytes=s.int_("max_bytes", AuditConfig.max_bytes, 4096, 2**40),
+        anchor_interval_s=s.float_(
+            "anchor_interval_s", AuditConfig.anchor_interval_s, 0, 7 * 86400
+        ),
     )
     s.finish()
     top._read.add("audit")
