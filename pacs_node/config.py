@@ -146,6 +146,9 @@ class ReplicationConfig:
     bucket: str = ""
     prefix: str = "pacs-node"
     endpoint_url: str | None = None
+    # An http:// endpoint sends patient images unencrypted: refused unless this is true (a test
+    # endpoint on loopback, a store reached over a private encrypted link).
+    allow_plain_http: bool = False
     region: str | None = None
     addressing_style: str = "auto"
     profile: str | None = None
@@ -472,6 +475,7 @@ def _replication(raw: Mapping[str, Any], data_dir: Path) -> ReplicationConfig:
         bucket=s.str_("bucket", d.bucket),
         prefix=s.str_("prefix", d.prefix).strip("/"),
         endpoint_url=_optional_str(s, "endpoint_url"),
+        allow_plain_http=bool(s.bool_("allow_plain_http", d.allow_plain_http)),
         region=_optional_str(s, "region"),
         addressing_style=s.str_(
             "addressing_style", d.addressing_style, ("auto", "path", "virtual")
@@ -510,6 +514,17 @@ def _replication(raw: Mapping[str, Any], data_dir: Path) -> ReplicationConfig:
         raise ConfigError(
             f"replication.bucket: {config.bucket!r} is not an S3 bucket name "
             "(3-63 lowercase letters, digits, dots and hyphens)"
+        )
+    if (
+        config.target == "s3"
+        and (config.endpoint_url or "").lower().startswith("http://")
+        and not config.allow_plain_http
+    ):
+        raise ConfigError(
+            f"replication.endpoint_url: {config.endpoint_url!r} is plain HTTP: patient images "
+            "and the index would cross the network unencrypted; use https://, or set "
+            "replication.allow_plain_http = true (a test endpoint on loopback, a private "
+            "encrypted link)"
         )
     if config.target == "directory" and config.directory is None:
         raise ConfigError("replication.directory: required when replication.target = 'directory'")

@@ -209,7 +209,7 @@ def test_a_rotated_anchored_record_verifies_and_a_cut_one_does_not(
     toml.write_text(
         f'data_dir = "{config.data_dir}"\n[dicom]\nport = {free_port()}\n[audit]\n'
         f'max_bytes = 8192\n[replication]\ntarget = "s3"\nbucket = "{bucket}"\n'
-        f'prefix = "{PREFIX}"\nendpoint_url = "{s3_server.endpoint_url}"\n'
+        f'prefix = "{PREFIX}"\nendpoint_url = "{s3_server.endpoint_url}"\nallow_plain_http = true\n'
         'region = "us-east-1"\naddressing_style = "path"\n'
     )
 

@@ -9,7 +9,6 @@ tiny, so pynetdicom's per-association copy of it costs nothing.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import socket
 import ssl
@@ -35,6 +34,7 @@ from pacs_node.dimse.commitment import CommitmentService
 from pacs_node.dimse.qr import QR_MODELS, QueryRetrieveService
 from pacs_node.dimse.receive import StoreReceiver, TunedSocket, quickack
 from pacs_node.dimse.status import NOT_AUTHORIZED, SUCCESS
+from pacs_node.dimse.tls import CIPHERS, peer_certificate
 from pacs_node.index import Index
 from pacs_node.ingest import Ingest
 from pacs_node.phi import keep_values_out_of_logs
@@ -133,35 +133,6 @@ class _PolicyACSE(ACSE):
         self.assoc.kill()
 
 
-_RDN_NAMES = {
-    "commonName": "CN",
-    "organizationName": "O",
-    "organizationalUnitName": "OU",
-    "countryName": "C",
-    "localityName": "L",
-    "stateOrProvinceName": "ST",
-}
-
-
-def peer_certificate(sock: socket.socket | None) -> PeerCertificate | None:
-    """What a TLS connection showed (None for a plain one): only a verified certificate counts,
-    and the server asks for one only when tls.ca_certificates is set."""
-    if not isinstance(sock, ssl.SSLSocket):
-        return None
-    version = str(sock.version())
-    der = sock.getpeercert(binary_form=True)
-    decoded = sock.getpeercert()
-    if not der or not decoded:
-        return PeerCertificate(version)
-    subject = tuple(
-        (_RDN_NAMES.get(key, key), str(value))
-        for rdn in decoded.get("subject", ())
-        for key, value in rdn
-    )
-    sans = tuple(str(value) for _, value in decoded.get("subjectAltName", ()))
-    return PeerCertificate(version, subject, sans, hashlib.sha256(der).hexdigest())
-
-
 def _tls_fields(certificate: PeerCertificate | None) -> dict[str, str]:
     """For the audit: the TLS version, the subject and fingerprint of the peer's certificate."""
     if certificate is None:
@@ -178,7 +149,7 @@ def tls_context(config: TlsConfig) -> ssl.SSLContext:
     ChaCha20-Poly1305 (TLS 1.3 suites are all fine)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:!aNULL:!eNULL:!SHA1")
+    context.set_ciphers(CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     assert config.certificate is not None and config.private_key is not None
     context.load_cert_chain(str(config.certificate), str(config.private_key))
