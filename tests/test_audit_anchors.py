@@ -233,3 +233,14 @@ def test_a_rotated_anchored_record_verifies_and_a_cut_one_does_not(
     assert cut.returncode != 0
     assert "were cut" in cut.stderr + cut.stdout
     assert f"first record no longer vouched for: seq {first_cut}" in cut.stderr + cut.stdout
+
+
+def test_every_command_refuses_an_unusable_chain_key(tmp_path: Path) -> None:
+    for command in (["serve"], ["status"], ["audit", "verify"]):
+        ran = subprocess.run(
+            [sys.executable, "-m", "pacs_node", *command, "--data-dir", str(tmp_path / "d")],
+            capture_output=True, text=True, timeout=60,
+            env={**os.environ, "PACS_NODE_AUDIT_KEY": "too-short"},
+        )  # fmt: skip
+        assert ran.returncode == 2, (command, ran.stdout, ran.stderr)
+        assert "openssl rand" in ran.stderr and "Traceback" not in ran.stderr
