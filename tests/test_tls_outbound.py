@@ -1,3 +1,4 @@
+# ruff: noqa: F811 (pytest fixtures imported from tests.s3server are redefined as arguments)
 """Encrypted outbound hops (issue 14, point 3): a C-MOVE to a TLS-only peer goes over TLS,
 its server certificate checked against the peer's binding."""
 
@@ -13,6 +14,7 @@ from pydicom import dcmread
 
 from tests.conftest import NODE_AE, RunningNode, dcmtk, free_port, tool
 from tests.factory import dataset_bytes_sha256, make_folder
+from tests.s3server import _moto_process, bucket, s3_server  # noqa: F401 (fixtures)
 from tests.test_tls import Pki, _tls_args, _tls_section, pki
 
 __all__ = ["pki"]  # the module-scoped fixture, shared with test_tls.py
@@ -115,3 +117,70 @@ def test_a_plain_http_s3_endpoint_is_refused_unless_allowed(tmp_path: Path) -> N
     assert allowed.replication.endpoint_url == "http://10.0.0.9:9000"
     secure = make_config(tmp_path, replication={**section, "endpoint_url": "https://s3.example"})
     assert not secure.replication.allow_plain_http
+
+
+def test_a_commitment_report_to_a_tls_only_peer_goes_over_tls(
+    start_node, pki: Pki, s3_server, bucket, tmp_path: Path
+) -> None:
+    """The requestor left before the bucket copies were verified: the report goes on a new
+    association, over TLS, to a listener that speaks only TLS and is bound by certificate."""
+    import ssl
+
+    from pydicom.uid import generate_uid
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import StorageCommitmentPushModel
+
+    from tests.s3server import FaultProxy
+    from tests.test_commitment import FAST, MODALITY, Reports, n_action, request, stored
+    from tests.test_replication import replication_section
+
+    reports = Reports()
+    over_tls: list[bool] = []
+
+    def on_report(event: evt.Event) -> tuple[int, None]:
+        over_tls.append(isinstance(event.assoc.dul.socket.socket, ssl.SSLSocket))
+        return reports.handler(event)
+
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca))
+    server_context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    server_context.verify_mode = ssl.CERT_REQUIRED
+    listener_port = free_port()
+    listener = AE(ae_title=MODALITY)
+    listener.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
+    server = listener.start_server(
+        ("127.0.0.1", listener_port),
+        block=False,
+        evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)],
+        ssl_context=server_context,
+    )
+    proxy = FaultProxy(s3_server.port)
+    try:
+        proxy.set_mode("refuse")
+        node = start_node(
+            peers=[
+                {"ae_title": "STORESCU", "allow": ["store"]},
+                {"ae_title": MODALITY, "host": "127.0.0.1", "port": listener_port,
+                 "tls_only": True, "certificate_subject": "CN=VIEWER-1,O=Test Hospital"},
+            ],
+            replication=replication_section(bucket, proxy.endpoint_url),
+            commitment=FAST,
+            tls=_tls_section(pki),
+        )  # fmt: skip
+        made = stored(node, tmp_path / "in", 2)
+        transaction = generate_uid()
+        client_context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca))
+        client_context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+        requester = AE(ae_title=MODALITY)
+        requester.add_requested_context(StorageCommitmentPushModel)
+        assoc = requester.associate("127.0.0.1", node.node.dicom.tls_port, ae_title=NODE_AE,
+                                    tls_args=(client_context, "localhost"))  # fmt: skip
+        assert assoc.is_established
+        assert n_action(assoc, request(made, transaction)).Status == 0x0000
+        assoc.release()
+        proxy.set_mode("pass")
+        event_type, info, _ = reports.get(timeout=30)
+    finally:
+        proxy.close()
+        server.shutdown()
+    assert event_type == 1 and info.TransactionUID == transaction
+    assert over_tls == [True]
