@@ -131,7 +131,15 @@ def test_a_commitment_report_to_a_tls_only_peer_goes_over_tls(
     from pynetdicom.sop_class import StorageCommitmentPushModel
 
     from tests.s3server import FaultProxy
-    from tests.test_commitment import FAST, MODALITY, Reports, n_action, request, stored
+    from tests.test_commitment import (
+        FAST,
+        MODALITY,
+        Reports,
+        n_action,
+        report_listener,
+        request,
+        stored,
+    )
     from tests.test_replication import replication_section
 
     reports = Reports()
@@ -144,15 +152,7 @@ def test_a_commitment_report_to_a_tls_only_peer_goes_over_tls(
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca))
     server_context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
     server_context.verify_mode = ssl.CERT_REQUIRED
-    listener_port = free_port()
-    listener = AE(ae_title=MODALITY)
-    listener.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
-    server = listener.start_server(
-        ("127.0.0.1", listener_port),
-        block=False,
-        evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)],
-        ssl_context=server_context,
-    )
+    listener_port, server = report_listener(on_report, server_context)
     proxy = FaultProxy(s3_server.port)
     try:
         proxy.set_mode("refuse")
