@@ -96,6 +96,11 @@ class AuditKeyError(ConfigError):
     """The chain key is configured but unusable (too short, unreadable)."""
 
 
+class AuditKeyMissing(OSError):
+    """The chain is keyed and this process has no key: it must not append unkeyed records.
+    An OSError, as AuditDamaged, so every command reports it as an audit it cannot use."""
+
+
 def load_chain_key(environ: Mapping[str, str] | None = None) -> bytes | None:
     """The chain key from $PACS_NODE_AUDIT_KEY, else the file named by
     $PACS_NODE_AUDIT_KEY_FILE, else systemd's credential `pacs-node-audit-key`; None if none."""
@@ -345,6 +350,7 @@ class AuditLog:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             try:
                 recovery = self._recover(set_aside_damage)
+                self._refuse_downgrade()
                 self._reopen()
                 fsync_dir(self.path.parent)  # the file's name survives a power cut
                 if recovery is not None:
@@ -362,6 +368,21 @@ class AuditLog:
             self._log_recovery(recovery)
             if self._observer is not None:
                 self._observer(recovery.event, recovery.fields())
+
+    def _refuse_downgrade(self) -> None:
+        """Without the key, appending to a keyed chain would write unkeyed records after keyed
+        ones, which `audit verify` (with the key) rightly calls a break: refuse, naming why."""
+        if self.key is not None:
+            return
+        last = _last_line(self.path) if self.path.exists() else None
+        if not last:
+            rotated = rotated_files(self.path)
+            last = _last_line(rotated[-1]) if rotated else None
+        if last and _is_keyed(last):
+            raise AuditKeyMissing(
+                f"the audit record {self.path} is keyed (HMAC), but no chain key is set for "
+                f"this command: set ${KEY_ENV} or ${KEY_FILE_ENV} as for the node"
+            )
 
     def _start_syncer(self) -> None:
         """Group fsync: the records this process appended reach the disk at most

@@ -18,6 +18,7 @@ from pacs_node import audit as audit_module
 from pacs_node.audit import (
     Anchor,
     AuditKeyError,
+    AuditKeyMissing,
     AuditLog,
     load_chain_key,
     rotated_files,
@@ -244,3 +245,13 @@ def test_every_command_refuses_an_unusable_chain_key(tmp_path: Path) -> None:
         )  # fmt: skip
         assert ran.returncode == 2, (command, ran.stdout, ran.stderr)
         assert "openssl rand" in ran.stderr and "Traceback" not in ran.stderr
+
+
+def test_a_command_without_the_key_does_not_append_to_a_keyed_chain(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    _write(path, 3, KEY)
+    before = path.read_bytes()
+    with pytest.raises(AuditKeyMissing, match="is keyed"):
+        AuditLog(path, key=None, fsync_interval_s=0).open()
+    assert path.read_bytes() == before
+    assert verify_chain(path, key=KEY).ok
