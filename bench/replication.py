@@ -86,7 +86,8 @@ def main() -> None:
         config.write_text(
             f'data_dir = "{work / "data"}"\n[dicom]\nport = {node_port}\n'
             f'[replication]\ntarget = "s3"\nbucket = "pacs-bench"\nendpoint_url = "{endpoint}"\n'
-            f'region = "us-east-1"\naddressing_style = "path"\nworkers = {args.workers}\n'
+            f'allow_plain_http = true\nregion = "us-east-1"\naddressing_style = "path"\n'
+            f"workers = {args.workers}\n"
             + (f"defer_while_ingesting_s = {args.defer_s}\n" if args.defer_s is not None else "")
         )
         parts = make_set(work / "in", "ct", args.count, args.senders, series_size=100)

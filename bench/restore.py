@@ -228,7 +228,7 @@ def cmove_evicted_vs_cached(
         f'[[peers]]\nae_title = "{CALLER_AE}"\nhost = "127.0.0.1"\n'
         f'[[peers]]\nae_title = "{DEST_AE}"\nhost = "127.0.0.1"\nport = {dest_port}\n'
         f'[replication]\ntarget = "s3"\nbucket = "{bucket}"\nprefix = "cmove"\n'
-        f'endpoint_url = "{server.endpoint_url}"\nregion = "{REGION}"\n'
+        f'endpoint_url = "{server.endpoint_url}"\nallow_plain_http = true\nregion = "{REGION}"\n'
         'addressing_style = "path"\n'
     )
     serve = [sys.executable, "-m", "pacs_node", "serve", "--config", str(config)]

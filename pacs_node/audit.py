@@ -28,17 +28,19 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import hmac
 import json
 import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pacs_node.config import ConfigError
 from pacs_node.datadir import TORN_MARK, set_aside_tail
 from pacs_node.fsio import fsync_dir, makedirs_durable
 
@@ -74,17 +76,104 @@ DICOM_EVENTS: dict[str, tuple[str, str]] = {
 
 _HASH_SUFFIX = len(b',"hash":""}') + 64
 
+# The chain key (HMAC-SHA256). From the environment or a key file, never from the config:
+# whoever can read the config (or the data directory) must not be able to re-seal a rewritten
+# chain. Without a key the chain is plain SHA-256 (anyone who can write the file can rewrite
+# all of it consistently); status and `audit verify` say which.
+KEY_ENV = "PACS_NODE_AUDIT_KEY"
+KEY_FILE_ENV = "PACS_NODE_AUDIT_KEY_FILE"
+KEY_CREDENTIAL = "pacs-node-audit-key"  # systemd LoadCredential= name ($CREDENTIALS_DIRECTORY)
+MIN_KEY_BYTES = 32
+KEY_HELP = "generate one with: openssl rand -hex 32 > /etc/pacs-node/audit.key (mode 0400)"
+MAC = "hmac-sha256"
+_MAC_FIELD = b'"mac":"hmac-sha256"'
+# This process's records reach the disk within this interval (group fsync): at most this much
+# (1 s with the fsync itself) of acknowledged activity is at risk on a power cut.
+FSYNC_INTERVAL_S = 0.5
 
-def _sealed(body: bytes) -> tuple[bytes, str]:
-    """`body` (a JSON object) with its own hash added as the last field."""
-    digest = hashlib.sha256(body).hexdigest()
+
+class AuditKeyError(ConfigError):
+    """The chain key is configured but unusable (too short, unreadable)."""
+
+
+class AuditKeyMissing(OSError):
+    """The chain is keyed and this process has no key: it must not append unkeyed records.
+    An OSError, as AuditDamaged, so every command reports it as an audit it cannot use."""
+
+
+def load_chain_key(environ: Mapping[str, str] | None = None) -> bytes | None:
+    """The chain key from $PACS_NODE_AUDIT_KEY, else the file named by
+    $PACS_NODE_AUDIT_KEY_FILE, else systemd's credential `pacs-node-audit-key`; None if none."""
+    env = os.environ if environ is None else environ
+    raw = env.get(KEY_ENV, "").strip()
+    source = f"${KEY_ENV}"
+    if not raw:
+        name = env.get(KEY_FILE_ENV, "").strip()
+        credentials = env.get("CREDENTIALS_DIRECTORY", "").strip()
+        if not name and credentials and (Path(credentials) / KEY_CREDENTIAL).is_file():
+            name = str(Path(credentials) / KEY_CREDENTIAL)
+        if not name:
+            return None
+        source = name
+        try:
+            raw = Path(name).read_text().strip()
+        except OSError as e:
+            raise AuditKeyError(f"audit chain key file {name}: {e.strerror}") from e
+    key = raw.encode()
+    if len(key) < MIN_KEY_BYTES or len(set(key)) < 12:
+        raise AuditKeyError(
+            f"audit chain key from {source}: too short or too uniform (at least "
+            f"{MIN_KEY_BYTES} characters of random text); {KEY_HELP}"
+        )
+    return key
+
+
+def describe_chain_protection(anchor_interval_s: float, bucket: bool) -> str:
+    """For `status`: how the audit chain is sealed and anchored, as configured here."""
+    try:
+        key = load_chain_key()
+        sealing = (
+            "keyed chain (HMAC-SHA256)"
+            if key is not None
+            else f"plain SHA-256 chain: NO chain key (set ${KEY_ENV} or ${KEY_FILE_ENV})"
+        )
+    except AuditKeyError as e:
+        sealing = f"chain key UNUSABLE: {e}"
+    if not bucket:
+        anchoring = "not anchored (no replication target): a cut tail cannot be detected"
+    elif anchor_interval_s:
+        anchoring = f"head anchored in the bucket every {anchor_interval_s:g} s"
+    else:
+        anchoring = "head anchored in the bucket at clean stops only"
+    return f"{sealing}; fsync within {FSYNC_INTERVAL_S:g} s; {anchoring}"
+
+
+def _digest(body: bytes, key: bytes | None) -> str:
+    if key is None:
+        return hashlib.sha256(body).hexdigest()
+    return hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def _sealed(body: bytes, key: bytes | None = None) -> tuple[bytes, str]:
+    """`body` (a JSON object) with its own hash (keyed: an HMAC) added as the last field."""
+    digest = _digest(body, key)
     return body[:-1] + b',"hash":"' + digest.encode() + b'"}', digest
 
 
-def _own_hash(line: bytes) -> tuple[str, str]:
-    """(the hash a line claims, the hash of its content): equal unless it was changed."""
+def _is_keyed(line: bytes) -> bool:
+    return _MAC_FIELD in line
+
+
+def _own_hash(line: bytes, key: bytes | None = None) -> tuple[str, str]:
+    """(the hash a line claims, the hash of its content): equal unless it was changed. A keyed
+    record read without the key cannot be checked: its claim is taken (`audit verify` says so)."""
     claimed = line[-_HASH_SUFFIX:][9:-2].decode("ascii", "replace")
-    return claimed, hashlib.sha256(line[:-_HASH_SUFFIX] + b"}").hexdigest()
+    content = line[:-_HASH_SUFFIX] + b"}"
+    if _is_keyed(content):
+        if key is None:
+            return claimed, claimed
+        return claimed, _digest(content, key)
+    return claimed, hashlib.sha256(content).hexdigest()
 
 
 def _line_hash(line: bytes) -> str:
@@ -109,7 +198,7 @@ class _Link:
     hash: str
 
 
-def _check_record(line: bytes, last: _Link | None) -> _Link | str:
+def _check_record(line: bytes, last: _Link | None, key: bytes | None = None) -> _Link | str:
     """The record's link if `line` is a sealed record that follows `last`, else why not."""
     if b"\0" in line:
         return "NUL bytes (a hole a power cut left in the file)"
@@ -118,7 +207,7 @@ def _check_record(line: bytes, last: _Link | None) -> _Link | str:
         seq, prev = int(entry["seq"]), str(entry["prev"])
     except (ValueError, KeyError, TypeError) as e:
         return f"not an audit record ({type(e).__name__})"
-    claimed, actual = _own_hash(line)
+    claimed, actual = _own_hash(line, key)
     if claimed != actual or entry.get("hash") != claimed:
         return "its own hash does not seal it (changed or damaged)"
     if last is None:
@@ -131,11 +220,11 @@ def _check_record(line: bytes, last: _Link | None) -> _Link | str:
     return _Link(seq, claimed)
 
 
-def _sealed_seq(line: bytes) -> int | None:
+def _sealed_seq(line: bytes, key: bytes | None = None) -> int | None:
     """The seq of a line that is a record sealed by its own hash (chained or not), else None."""
     if b"\0" in line:
         return None
-    checked = _check_record(line, None)
+    checked = _check_record(line, None, key)
     return checked.seq if isinstance(checked, _Link) else None
 
 
@@ -150,7 +239,7 @@ class TailScan:
     damaged_until: int | None  # line of a later record that verifies past the bad one
 
 
-def scan_tail(data: bytes, anchor: _Link | None) -> TailScan:
+def scan_tail(data: bytes, anchor: _Link | None, key: bytes | None = None) -> TailScan:
     """Walk `data` (an audit file) from `anchor` (the last record before it, None when the
     chain starts here) while records verify.
 
@@ -167,7 +256,7 @@ def scan_tail(data: bytes, anchor: _Link | None) -> TailScan:
         if newline < 0:
             reason = "an incomplete last line (a crash mid-write)"
             break
-        checked = _check_record(data[pos:newline], last)
+        checked = _check_record(data[pos:newline], last, key)
         if isinstance(checked, str):
             reason = checked
             break
@@ -180,7 +269,7 @@ def scan_tail(data: bytes, anchor: _Link | None) -> TailScan:
         floor = last.seq if last is not None else 0
         later = data[pos:].split(b"\n")[:-1]  # complete lines, the failing one first
         for offset, line in enumerate(later):
-            seq = _sealed_seq(line)
+            seq = _sealed_seq(line, key)
             if seq is not None and seq > floor:
                 damaged_until = number + offset
                 break
@@ -224,9 +313,17 @@ class AuditLog:
         *,
         max_bytes: int = 64 * 1024 * 1024,
         observer: Callable[[str, dict[str, Any]], None] | None = None,
+        key: bytes | str | None = "environment",
+        fsync_interval_s: float = FSYNC_INTERVAL_S,
     ) -> None:
+        """`key`: the chain key; by default read from the environment (`load_chain_key`)."""
         self.path = path
         self.max_bytes = max_bytes
+        self.key: bytes | None = load_chain_key() if isinstance(key, str) else key
+        self._fsync_interval_s = fsync_interval_s
+        self._dirty = False  # appended since the last fsync
+        self._syncer: threading.Thread | None = None
+        self._closing = threading.Event()
         self._observer = observer  # sees every recorded event (the metrics)
         self.on_rotated: Callable[[Path], None] | None = None  # e.g. the bucket uploader
         self._fd: int | None = None
@@ -253,6 +350,7 @@ class AuditLog:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             try:
                 recovery = self._recover(set_aside_damage)
+                self._refuse_downgrade()
                 self._reopen()
                 fsync_dir(self.path.parent)  # the file's name survives a power cut
                 if recovery is not None:
@@ -265,10 +363,56 @@ class AuditLog:
                 if self._lock_fd is not None:
                     fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         self.recovery = recovery
+        self._start_syncer()
         if recovery is not None:
             self._log_recovery(recovery)
             if self._observer is not None:
                 self._observer(recovery.event, recovery.fields())
+
+    def _refuse_downgrade(self) -> None:
+        """Without the key, appending to a keyed chain would write unkeyed records after keyed
+        ones, which `audit verify` (with the key) rightly calls a break: refuse, naming why."""
+        if self.key is not None:
+            return
+        last = _last_line(self.path) if self.path.exists() else None
+        if not last:
+            rotated = rotated_files(self.path)
+            last = _last_line(rotated[-1]) if rotated else None
+        if last and _is_keyed(last):
+            raise AuditKeyMissing(
+                f"the audit record {self.path} is keyed (HMAC), but no chain key is set for "
+                f"this command: set ${KEY_ENV} or ${KEY_FILE_ENV} as for the node"
+            )
+
+    def _start_syncer(self) -> None:
+        """Group fsync: the records this process appended reach the disk at most
+        `fsync_interval_s` later (one fsync for all of them, never one per record)."""
+        if self._fsync_interval_s <= 0 or self._syncer is not None:
+            return
+        self._closing.clear()
+        self._syncer = threading.Thread(target=self._sync_loop, name="audit-fsync", daemon=True)
+        self._syncer.start()
+
+    def _sync_loop(self) -> None:
+        while not self._closing.wait(self._fsync_interval_s):
+            self.sync()
+
+    def sync(self) -> None:
+        """fsync what this process appended, if anything."""
+        with self._lock:
+            if not self._dirty or self._fd is None:
+                return
+            self._dirty = False
+            try:
+                os.fsync(self._fd)
+            except OSError as e:
+                self._dirty = True
+                log.error("event=audit_fsync_failed error=%s", e)
+
+    def head(self) -> tuple[int, str] | None:
+        """(seq, hash) of the last record of the chain as this process knows it."""
+        with self._lock:
+            return (self._seq, self._prev) if self._seq else None
 
     def _log_recovery(self, recovery: Recovery) -> None:
         log.warning(
@@ -291,7 +435,7 @@ class AuditLog:
             return None
         # A rotated file changed since (not a power cut: it was fsynced) is `audit verify`'s
         # finding; the live file then starts the chain where it starts, never a traceback.
-        checked = _check_record(last, None)
+        checked = _check_record(last, None, self.key)
         return checked if isinstance(checked, _Link) else None
 
     def _recover(self, set_aside_damage: bool) -> Recovery | None:
@@ -302,11 +446,11 @@ class AuditLog:
         # line, and whether a record in the middle was changed is `audit verify`'s question
         # (re-hashing 64 MB at every open would stall the node's appends). `audit recover`
         # (set_aside_damage) always scans.
-        clean, end = _clean_end(data)
+        clean, end = _clean_end(data, self.key)
         if clean and not set_aside_damage:
             self._follow_link(end or anchor)
             return None
-        scan = scan_tail(data, anchor)
+        scan = scan_tail(data, anchor, self.key)
         self._follow_link(scan.last)
         if scan.reason is None:
             return None
@@ -354,7 +498,7 @@ class AuditLog:
             return
         if st is None or st.st_ino != self._ino:
             self._reopen()  # rotated (or removed) by another process
-        clean, end = _end_of(self.path)
+        clean, end = _end_of(self.path, self.key)
         if clean:
             self._follow_link(end or self._anchor())
             self._size = os.fstat(self._fd).st_size  # type: ignore[arg-type]
@@ -380,9 +524,13 @@ class AuditLog:
             entry["dicom_event"] = dicom[1]
             entry["dicom_event_id"] = dicom[0]
         entry.update(fields)
+        if self.key is not None:
+            entry["mac"] = MAC
         entry["prev"] = self._prev
-        line, digest = _sealed(json.dumps(entry, default=str, separators=(",", ":")).encode())
+        body = json.dumps(entry, default=str, separators=(",", ":")).encode()
+        line, digest = _sealed(body, self.key)
         os.write(self._fd, line + b"\n")
+        self._dirty = True
         self._seq += 1
         self._prev = digest
         self._size += len(line) + 1
@@ -442,6 +590,10 @@ class AuditLog:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
+        self._closing.set()
+        if self._syncer is not None and self._syncer is not threading.current_thread():
+            self._syncer.join(timeout=5)
+        self._syncer = None
         with self._lock:
             self._close_locked()
 
@@ -450,12 +602,13 @@ class AuditLog:
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
+            self._dirty = False
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
 
-def _clean_end(data: bytes) -> tuple[bool, _Link | None]:
+def _clean_end(data: bytes, key: bytes | None = None) -> tuple[bool, _Link | None]:
     """The fast path at open: (True, the last record's link) when the file cannot hold a torn
     tail (no NUL byte, ends with a newline, its last line a sealed record), (True, None) when
     it is empty, (False, None) when it must be scanned record by record."""
@@ -464,11 +617,11 @@ def _clean_end(data: bytes) -> tuple[bool, _Link | None]:
     if not data.endswith(b"\n") or b"\0" in data:
         return False, None
     start = data.rfind(b"\n", 0, len(data) - 1) + 1
-    checked = _check_record(data[start:-1], None)
+    checked = _check_record(data[start:-1], None, key)
     return (True, checked) if isinstance(checked, _Link) else (False, None)
 
 
-def _end_of(path: Path) -> tuple[bool, _Link | None]:
+def _end_of(path: Path, key: bytes | None = None) -> tuple[bool, _Link | None]:
     """`_clean_end` from the end of the file alone (its last line, read backwards): for the
     catch-up after another process appended, which must not re-read the whole file."""
     try:
@@ -484,7 +637,7 @@ def _end_of(path: Path) -> tuple[bool, _Link | None]:
             line = f.read(size - 1 - start)
     except FileNotFoundError:
         return True, None
-    checked = _check_record(line, None)
+    checked = _check_record(line, None, key)
     return (True, checked) if isinstance(checked, _Link) else (False, None)
 
 
@@ -572,16 +725,78 @@ class RecoveredGap:
 
 
 @dataclass(frozen=True)
+class Anchor:
+    """A chain head written to the bucket: the record `seq` had hash `hash` (keyed: an HMAC)."""
+
+    seq: int
+    hash: str
+    where: str  # the object key
+
+
+ANCHOR_RE = re.compile(r"(?:^|/)(?P<seq>\d{12})-(?P<hash>[0-9a-f]{64})\.json$")
+
+
+def anchor_name(seq: int, digest: str) -> str:
+    """The anchor's object name: seq and hash in the name, so a listing alone verifies."""
+    return f"{seq:012d}-{digest}.json"
+
+
+def parse_anchor(key: str) -> Anchor | None:
+    match = ANCHOR_RE.search(key)
+    return Anchor(int(match["seq"]), match["hash"], key) if match else None
+
+
+@dataclass(frozen=True)
 class ChainReport:
     records: int
     files: int
     broken_at: str | None  # "<file>:<line>" of the first record that breaks the chain
     reason: str | None
     recovered: tuple[RecoveredGap, ...] = field(default=())
+    keyed: bool = False  # verified with the chain key
+    keyed_records: int = 0  # records sealed with an HMAC
+    unchecked_keyed: int = 0  # keyed records whose HMAC could not be checked (no key given)
+    last_seq: int | None = None
+    anchors: int = 0  # anchors in the bucket that were compared (None given: 0)
+    anchored_seq: int | None = None  # the highest seq an anchor vouches for
+    first_unvouched_seq: int | None = None  # the first record no anchor vouches for
 
     @property
     def ok(self) -> bool:
         return self.broken_at is None
+
+    def describe_protection(self) -> str:
+        """What this verification could and could not prove, in one paragraph."""
+        if self.keyed:
+            sealing = "keyed chain (HMAC-SHA256), checked with the key"
+        elif self.keyed_records:
+            sealing = (
+                f"keyed chain, but NO KEY was given: the HMACs of {self.unchecked_keyed} "
+                f"records were not checked (set ${KEY_ENV} or ${KEY_FILE_ENV})"
+            )
+        else:
+            sealing = (
+                "plain SHA-256 chain (no chain key configured): whoever can write the file can "
+                "rewrite all of it consistently; only the anchors in the bucket can show that"
+            )
+        if self.anchors == 0:
+            anchoring = (
+                "no anchors compared (no bucket, or none written yet): a cut tail cannot be seen"
+            )
+        elif self.last_seq is not None and self.anchored_seq is not None:
+            after = self.last_seq - self.anchored_seq
+            anchoring = (
+                f"{self.anchors} anchor(s) compared, the last at seq {self.anchored_seq}"
+                + (
+                    f"; the {after} record(s) after it are not anchored yet: a cut among them "
+                    "would not be seen"
+                    if after > 0
+                    else ""
+                )
+            )
+        else:
+            anchoring = f"{self.anchors} anchor(s) compared"
+        return f"{sealing}; {anchoring}"
 
 
 def _lines(files: list[Path], live: Path) -> Iterator[tuple[Path, int, bytes]]:
@@ -640,17 +855,45 @@ def _gap(path: Path, where: str, entry: dict[str, Any]) -> RecoveredGap:
     )
 
 
-def verify_chain(path: Path) -> ChainReport:
+def verify_chain(
+    path: Path, *, key: bytes | None = None, anchors: list[Anchor] | None = None
+) -> ChainReport:
     """Re-hash the whole chain (rotated files, then the current one); the first record whose
     `prev` or `seq` does not follow, or that does not parse, is named. Every tail set aside
-    at an open is listed (`recovered`): the gap is shown, never hidden."""
+    at an open is listed (`recovered`): the gap is shown, never hidden.
+
+    With `key`, keyed records are checked as HMACs, an unkeyed record after a keyed one is a
+    break (rewritten without the key), and so is a chain whose last record is not keyed. With
+    `anchors` (chain heads from the bucket), a record whose hash differs from its anchor is a
+    rewrite, and a chain that ends before the highest anchor was cut; either way the report
+    names the first record the anchors can no longer vouch for."""
     files = [*rotated_files(path), *([path] if path.exists() else [])]
     previous, expected_seq, count = GENESIS, None, 0
     gaps: list[RecoveredGap] = []
+    by_seq = {a.seq: a for a in anchors or ()}
+    state: dict[str, Any] = {"keyed": 0, "unchecked": 0, "last": None, "vouched": None}
 
-    def broken(where: str, reason: str) -> ChainReport:
-        return ChainReport(count, len(files), where, reason, tuple(gaps))
+    def broken(where: str, reason: str, unvouched: int | None = None) -> ChainReport:
+        return report(where, reason, unvouched)
 
+    def report(where: str | None, reason: str | None, unvouched: int | None) -> ChainReport:
+        return ChainReport(
+            count,
+            len(files),
+            where,
+            reason,
+            tuple(gaps),
+            keyed=key is not None,
+            keyed_records=state["keyed"],
+            unchecked_keyed=state["unchecked"],
+            last_seq=state["last"],
+            anchors=len(by_seq),
+            anchored_seq=state["vouched"],
+            first_unvouched_seq=unvouched,
+        )
+
+    last_where = f"{path.name}:0"
+    last_line_keyed = False
     for file, number, raw in _lines(files, path):
         where = f"{file.name}:{number}"
         torn = file == path and (not raw.endswith(b"\n") or b"\0" in raw)
@@ -673,14 +916,62 @@ def verify_chain(path: Path) -> ChainReport:
             # The oldest files may have been archived away: the chain starts where it starts.
             expected_seq = seq
             previous = prev if seq != 1 else GENESIS
-        claimed, actual = _own_hash(line)
+        keyed_line = _is_keyed(line[:-_HASH_SUFFIX])
+        if keyed_line:
+            state["keyed"] += 1
+            state["unchecked"] += key is None
+        elif key is not None and state["keyed"]:
+            return broken(
+                where,
+                "an unkeyed record after keyed ones: written or rewritten without the chain key",
+                seq,
+            )
+        claimed, actual = _own_hash(line, key)
         if claimed != actual:
-            return broken(where, "the record was changed after writing")
+            return broken(
+                where,
+                "the record was changed after writing"
+                + (" (its HMAC does not verify with the chain key)" if keyed_line and key else ""),
+                seq,
+            )
         if seq != expected_seq:
-            return broken(where, f"seq {seq}, expected {expected_seq}")
+            return broken(where, f"seq {seq}, expected {expected_seq}", seq)
         if prev != previous:
-            return broken(where, "prev does not match the previous record's hash")
+            return broken(where, "prev does not match the previous record's hash", seq)
+        anchor = by_seq.get(seq)
+        if anchor is not None:
+            if anchor.hash != claimed:
+                since = (state["vouched"] or 0) + 1
+                return broken(
+                    where,
+                    f"seq {seq} is not the record the bucket's anchor {anchor.where} vouches "
+                    f"for: the chain was rewritten; the anchors vouch for the records up to seq "
+                    f"{since - 1} only, seq {since} is the first record that cannot be vouched "
+                    "for",
+                    since,
+                )
+            state["vouched"] = seq
         if entry.get("event") in RECOVERY_EVENTS:
             gaps.append(_gap(file, where, entry))
         previous, expected_seq, count = claimed, seq + 1, count + 1
-    return ChainReport(count, len(files), None, None, tuple(gaps))
+        state["last"], last_where, last_line_keyed = seq, where, keyed_line
+    if by_seq:
+        highest = max(by_seq)
+        if state["last"] is None or state["last"] < highest:
+            end = state["last"] or 0
+            return broken(
+                last_where,
+                f"the record ends at seq {end}, but the bucket holds an anchor for seq "
+                f"{highest} ({by_seq[highest].where}): records {end + 1}..{highest} (at least) "
+                f"were cut; the first record that cannot be vouched for is seq {end + 1}",
+                end + 1,
+            )
+    if key is not None and state["last"] is not None and not last_line_keyed:
+        return broken(
+            last_where,
+            "a chain key is set, yet the last record is not keyed: the record was written "
+            "(or rewritten) without the key since; start the node with the key once, or check "
+            "where this record came from",
+            state["last"],
+        )
+    return report(None, None, None)

@@ -52,6 +52,23 @@ class Peer:
     # Associations this peer may hold open at once (None: only dicom.max_associations applies),
     # so one misbehaving modality cannot take every slot.
     max_associations: int | None = None
+    # Certificate binding: what this peer's TLS certificate must show. Any one that is set must
+    # match (all that are set must match): the subject as RDNs ("CN=VIEWER-1,O=Hospital", any
+    # order), one subjectAltName (DNS name, IP address or URI), the SHA-256 of the DER certificate.
+    certificate_subject: str | None = None
+    certificate_san: str | None = None
+    certificate_sha256: str | None = None  # 64 hex digits, colons allowed in the config
+    # Only over TLS, both ways: refused on the plain port, and reached over TLS as a C-MOVE
+    # destination or a storage-commitment report recipient. None: the default, which is TLS-only
+    # when tls.enabled, dicom.host is not loopback and the peer has a certificate binding.
+    tls_only: bool | None = None
+    # The name checked against the certificate of this peer when we call it over TLS (default:
+    # its host address); with certificate_sha256 set the pin is checked as well.
+    tls_server_name: str | None = None
+
+    @property
+    def has_certificate_binding(self) -> bool:
+        return bool(self.certificate_subject or self.certificate_san or self.certificate_sha256)
 
 
 @dataclass(frozen=True)
@@ -110,6 +127,11 @@ class AuditConfig:
     # The current file is rotated (renamed with its last sequence number) at this size; the
     # hash chain continues into the next file.
     max_bytes: int = 64 * 1024**2
+    # With a replication target: the chain's head (seq and hash) is written to the bucket as a
+    # small object at most this often (seconds; only when it moved; 0 = only at a clean stop),
+    # so `audit verify` sees a cut tail or a rewritten chain. Records after the last anchor are
+    # vouched for by the chain alone.
+    anchor_interval_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -124,6 +146,9 @@ class ReplicationConfig:
     bucket: str = ""
     prefix: str = "pacs-node"
     endpoint_url: str | None = None
+    # An http:// endpoint sends patient images unencrypted: refused unless this is true (a test
+    # endpoint on loopback, a store reached over a private encrypted link).
+    allow_plain_http: bool = False
     region: str | None = None
     addressing_style: str = "auto"
     profile: str | None = None
@@ -194,6 +219,8 @@ class TlsConfig:
     # A client must complete the handshake within this many seconds (it runs on the
     # connection's own thread, never on the one that accepts connections).
     handshake_timeout_s: float = 10.0
+    # The plain (unencrypted) listener on dicom.port; false: only the TLS port listens.
+    plain_listener: bool = True
 
 
 @dataclass(frozen=True)
@@ -300,6 +327,12 @@ class Config:
             if peer.ae_title == ae_title:
                 return peer
         return None
+
+    def peer_tls_only(self, peer: Peer) -> bool:
+        """Whether `peer` is refused on the plain port and reached only over TLS."""
+        if peer.tls_only is not None:
+            return peer.tls_only
+        return self.tls.enabled and not self.dicom.on_loopback and peer.has_certificate_binding
 
 
 def _is_loopback(host: str) -> bool:
@@ -456,8 +489,13 @@ def _tls(raw: Mapping[str, Any], base: Path) -> TlsConfig:
             s.bool_("require_client_certificate", d.require_client_certificate)
         ),
         handshake_timeout_s=s.float_("handshake_timeout_s", d.handshake_timeout_s, 0.1, 600),
+        plain_listener=bool(s.bool_("plain_listener", d.plain_listener)),
     )
     s.finish()
+    if not config.plain_listener and not config.enabled:
+        raise ConfigError(
+            "tls.plain_listener: false needs tls.enabled = true (nothing would listen)"
+        )
     if config.enabled:
         for name in ("certificate", "private_key"):
             if getattr(config, name) is None:
@@ -543,6 +581,7 @@ def _replication(raw: Mapping[str, Any], data_dir: Path) -> ReplicationConfig:
         bucket=s.str_("bucket", d.bucket),
         prefix=s.str_("prefix", d.prefix).strip("/"),
         endpoint_url=_optional_str(s, "endpoint_url"),
+        allow_plain_http=bool(s.bool_("allow_plain_http", d.allow_plain_http)),
         region=_optional_str(s, "region"),
         addressing_style=s.str_(
             "addressing_style", d.addressing_style, ("auto", "path", "virtual")
@@ -581,6 +620,17 @@ def _replication(raw: Mapping[str, Any], data_dir: Path) -> ReplicationConfig:
         raise ConfigError(
             f"replication.bucket: {config.bucket!r} is not an S3 bucket name "
             "(3-63 lowercase letters, digits, dots and hyphens)"
+        )
+    if (
+        config.target == "s3"
+        and (config.endpoint_url or "").lower().startswith("http://")
+        and not config.allow_plain_http
+    ):
+        raise ConfigError(
+            f"replication.endpoint_url: {config.endpoint_url!r} is plain HTTP: patient images "
+            "and the index would cross the network unencrypted; use https://, or set "
+            "replication.allow_plain_http = true (a test endpoint on loopback, a private "
+            "encrypted link)"
         )
     if config.target == "directory" and config.directory is None:
         raise ConfigError("replication.directory: required when replication.target = 'directory'")
@@ -624,7 +674,21 @@ def _peers(raw: Any) -> tuple[Peer, ...]:
         limit = s._get("max_associations", None)
         if limit is not None:
             limit = s.int_("max_associations", 0, 1, 1000)
-        s.finish()
+        subject = _optional_str(s, "certificate_subject")
+        if subject is not None:
+            try:
+                subject_rdns(subject)
+            except ValueError as e:
+                raise ConfigError(f"peers[{i}].certificate_subject: {e}") from e
+        fingerprint = _optional_str(s, "certificate_sha256")
+        if fingerprint is not None:
+            fingerprint = fingerprint.replace(":", "").lower()
+            if not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
+                raise ConfigError(
+                    f"peers[{i}].certificate_sha256: expected 64 hex digits (colons allowed), "
+                    "e.g. from `openssl x509 -noout -fingerprint -sha256 -in peer.crt`"
+                )
+        tls_only = s.bool_("tls_only", None)
         peers.append(
             Peer(
                 ae_title=ae_title,
@@ -632,9 +696,26 @@ def _peers(raw: Any) -> tuple[Peer, ...]:
                 port=port,
                 allow=tuple(allow),
                 max_associations=limit,
+                certificate_subject=subject,
+                certificate_san=_optional_str(s, "certificate_san"),
+                certificate_sha256=fingerprint,
+                tls_only=tls_only,
+                tls_server_name=_optional_str(s, "tls_server_name"),
             )
         )
+        s.finish()
     return tuple(peers)
+
+
+def subject_rdns(subject: str) -> frozenset[tuple[str, str]]:
+    """ "CN=VIEWER-1, O=Hospital" as a set of (attribute, value): order and spaces do not count."""
+    pairs = set()
+    for part in subject.split(","):
+        name, sep, value = part.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise ValueError(f"{subject!r} is not a subject like 'CN=VIEWER-1,O=Hospital'")
+        pairs.add((name.strip().upper(), value.strip()))
+    return frozenset(pairs)
 
 
 def build_config(
@@ -684,6 +765,9 @@ def build_config(
     audit = AuditConfig(
         path=s.path("path", resolved_data_dir / "audit" / "audit.jsonl", resolved_data_dir),
         max_bytes=s.int_("max_bytes", AuditConfig.max_bytes, 4096, 2**40),
+        anchor_interval_s=s.float_(
+            "anchor_interval_s", AuditConfig.anchor_interval_s, 0, 7 * 86400
+        ),
     )
     s.finish()
     top._read.add("audit")
@@ -770,7 +854,22 @@ def build_config(
         source=source,
     )
     _check_exposure(config)
+    _check_tls_peers(config)
     return config
+
+
+def _check_tls_peers(config: Config) -> None:
+    """A certificate binding or a TLS-only peer needs TLS with client certificates."""
+    for i, peer in enumerate(config.peers):
+        if peer.has_certificate_binding and (
+            not config.tls.enabled or config.tls.ca_certificates is None
+        ):
+            raise ConfigError(
+                f"peers[{i}]: a certificate binding needs tls.enabled = true and "
+                "tls.ca_certificates (client certificates are verified against them)"
+            )
+        if peer.tls_only and not config.tls.enabled:
+            raise ConfigError(f"peers[{i}].tls_only: needs tls.enabled = true")
 
 
 def _check_exposure(config: Config) -> None:

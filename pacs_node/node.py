@@ -54,7 +54,14 @@ class Node:
                 self.index, self.target, config.replication.prefix, config.snapshots
             )
             # The audit record goes off-site too: each rotated file, once.
-            self.audit_copy = AuditCopier(config.audit.path, self.target, config.replication.prefix)
+            # Its head is anchored in the bucket at a bounded interval (cut or rewrite is seen).
+            self.audit_copy = AuditCopier(
+                config.audit.path,
+                self.target,
+                config.replication.prefix,
+                head=self.audit.head,
+                anchor_interval_s=config.audit.anchor_interval_s,
+            )
             self.audit.on_rotated = self.audit_copy.rotated
         self.ingest = Ingest(
             self.cache,

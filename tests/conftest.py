@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ import pytest
 
 from pacs_node.config import Config, build_config
 from pacs_node.node import Node
+from tests.factory import FACTORY_PHI
 
 NODE_AE = "PACS_NODE"
 
@@ -25,6 +27,53 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class _PhiGuard(logging.Handler):
+    """Collects log records (INFO and above, any logger) that carry the factory's patient data."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.hits: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:
+            return
+        if FACTORY_PHI.search(message):
+            self.hits.append(f"{record.levelname} {record.name}: {message[:300]}")
+
+
+@pytest.fixture(autouse=True)
+def _no_patient_data_logged(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fails a test whose node logged or audited a name, ID, birth date or accession number
+    that tests/factory.py wrote (issue 14). Opt out with @pytest.mark.phi_in_logs_expected."""
+    # Only a test that uses tmp_path anyway gets its audit files scanned (nothing extra made).
+    tmp: Path | None = (
+        request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    )
+    guard = _PhiGuard()
+    root, ours = logging.getLogger(), logging.getLogger("pacs_node")
+    level = ours.level
+    if level == logging.NOTSET or level > logging.INFO:
+        ours.setLevel(logging.INFO)
+    root.addHandler(guard)
+    try:
+        yield
+    finally:
+        root.removeHandler(guard)
+        ours.setLevel(level)
+    if request.node.get_closest_marker("phi_in_logs_expected"):
+        return
+    hits = guard.hits
+    if tmp is not None:
+        for audit in tmp.rglob("audit*.jsonl*"):
+            if audit.is_file():
+                text = audit.read_bytes().decode("utf-8", "replace")
+                hits += [f"{audit.name}: {m.group(0)}" for m in FACTORY_PHI.finditer(text)][:5]
+    if hits:
+        pytest.fail("patient data in the log or audit:\n" + "\n".join(hits[:10]), pytrace=False)
 
 
 def make_config(data_dir: Path, **sections: Any) -> Config:

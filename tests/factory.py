@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,12 @@ class Made:
     sop_class_uid: str
     transfer_syntax_uid: str
     patient_id: str
+
+
+# The patient data this factory writes (names, IDs, birth date, accession numbers), as one
+# pattern: conftest's PHI guard fails any test whose node logged (INFO and above) or audited a
+# match. Keep it in step with base_dataset and make_folder.
+FACTORY_PHI = re.compile(r"Doe\^Jane|Patient\^PID\w*|\bACCPID\w*|\bPID(?:\d{3}|BIG)\b|\b19700101\b")
 
 
 def base_dataset(

@@ -79,6 +79,23 @@ class Reports:
         return False
 
 
+def report_listener(
+    on_report: Callable[[evt.Event], tuple[int, None]], ssl_context: Any = None
+) -> tuple[int, Any]:
+    """The modality's own listener for reports on a new association: (port, server)."""
+    port = free_port()
+    listener = AE(ae_title=MODALITY)
+    # The node proposes the SCP role for itself (PS3.4 J.3.3); we agree to it.
+    listener.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
+    server = listener.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)],
+        ssl_context=ssl_context,
+    )
+    return port, server
+
+
 @contextmanager
 def modality(port: int, reports: Reports) -> Iterator[Association]:
     ae = AE(ae_title=MODALITY)
@@ -180,15 +197,7 @@ def test_report_on_a_new_association_when_the_requestor_has_left(
         )
         return reports.handler(event)
 
-    listener_port = free_port()
-    listener = AE(ae_title=MODALITY)
-    # The node proposes the SCP role for itself (PS3.4 J.3.3); we agree to it.
-    listener.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
-    server = listener.start_server(
-        ("127.0.0.1", listener_port),
-        block=False,
-        evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)],
-    )
+    listener_port, server = report_listener(on_report)
     proxy = FaultProxy(s3_server.port)
     try:
         proxy.set_mode("refuse")

@@ -1374,7 +1374,7 @@ def test_never_exports_to_the_clinical_bucket_or_the_node_data(
     config = tmp_path / "node.toml"
     config.write_text(
         f'data_dir = "{node.data_dir}"\n[replication]\ntarget = "s3"\nbucket = "{bucket}"\n'
-        f'endpoint_url = "{s3_server.endpoint_url}"\n'
+        f'endpoint_url = "{s3_server.endpoint_url}"\nallow_plain_http = true\n'
     )
     ran = run_export(
         node,

@@ -80,7 +80,7 @@ def _s3_target(request: pytest.FixtureRequest) -> tuple[dict[str, Any], str, Cor
 
     toml = (
         f'[replication]\ntarget = "s3"\nbucket = "{name}"\nprefix = "{PREFIX}"\n'
-        f'endpoint_url = "{server.endpoint_url}"\nregion = "us-east-1"\n'
+        f'endpoint_url = "{server.endpoint_url}"\nallow_plain_http = true\nregion = "us-east-1"\n'
         'addressing_style = "path"\nmax_attempts = 1\n'
     )
     return section, toml, corrupt

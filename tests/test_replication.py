@@ -45,6 +45,7 @@ def replication_section(bucket: str, endpoint_url: str, **extra: Any) -> dict[st
         "bucket": bucket,
         "prefix": PREFIX,
         "endpoint_url": endpoint_url,
+        "allow_plain_http": True,  # the test endpoint on loopback
         "region": "us-east-1",
         "addressing_style": "path",
         "workers": 4,

@@ -33,6 +33,8 @@ class Pki:
     client_key: Path
     rogue_cert: Path
     rogue_key: Path
+    other_cert: Path  # a second valid client certificate from the same CA (CN=MODALITY-2)
+    other_key: Path
 
 
 def _name(common_name: str) -> x509.Name:
@@ -103,24 +105,30 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     rogue_key = ec.generate_private_key(ec.SECP256R1())
     rogue = _certificate("INTRUDER", rogue_key, (rogue_ca.subject, rogue_ca_key))
     rogue_cert, rogue_key_path = _write(folder, "rogue", rogue, rogue_key)
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    other = _certificate("MODALITY-2", other_key, (ca.subject, ca_key))
+    other_cert, other_key_path = _write(folder, "other", other, other_key)
     return Pki(
         ca_path, server_cert, server_key_path, client_cert, client_key_path, rogue_cert,
-        rogue_key_path,
+        rogue_key_path, other_cert, other_key_path,
     )  # fmt: skip
+
+
+def _tls_section(pki: Pki, **extra: object) -> dict[str, object]:
+    return {
+        "enabled": True,
+        "port": free_port(),
+        "certificate": str(pki.server_cert),
+        "private_key": str(pki.server_key),
+        "ca_certificates": str(pki.ca),
+        "handshake_timeout_s": 2.0,
+        **extra,
+    }
 
 
 @pytest.fixture
 def tls_node(start_node, pki: Pki) -> RunningNode:
-    return start_node(
-        tls={
-            "enabled": True,
-            "port": free_port(),
-            "certificate": str(pki.server_cert),
-            "private_key": str(pki.server_key),
-            "ca_certificates": str(pki.ca),
-            "handshake_timeout_s": 2.0,
-        }
-    )
+    return start_node(tls=_tls_section(pki))
 
 
 def _tls_args(key: Path, cert: Path, pki: Pki) -> list[str]:

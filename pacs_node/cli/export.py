@@ -35,6 +35,7 @@ from pacs_node.export.run import (
 )
 from pacs_node.export.select import Selection, SelectionError
 from pacs_node.export.state import StateError
+from pacs_node.keys import GENERATE_HINT, local_id_secret, weak_key_reason
 from pacs_node.progress import ProgressBar
 from pacs_node.storage.export_target import (
     MAX_PRESIGN_S,
@@ -83,10 +84,11 @@ def _duration_s(text: str) -> int:
 
 def _pseudonym_key() -> bytes:
     value = os.environ.get(KEY_ENV, "")
-    if value and len(value.encode()) < 16:
+    weak = weak_key_reason(value.encode()) if value else None
+    if weak is not None:
         raise BadInput(
-            f"configuration error: {KEY_ENV} is too short ({len(value.encode())} bytes; at "
-            "least 16 are needed, e.g. from `openssl rand -base64 32`)"
+            f"configuration error: {KEY_ENV} is {weak}, e.g. from `openssl rand -base64 32`; "
+            f"a weak key lets pseudonyms be reversed by guessing ({GENERATE_HINT})"
         )
     if not value:
         raise BadInput(
@@ -238,7 +240,7 @@ def export_command(
         destination=destination,
         target=target,
         profile=profile,
-        keyring=Keyring(key),
+        keyring=Keyring(key, local_id_secret(config.data_dir)),
         pseudonym_key=key,
         export_id=export_id,
         links=links,

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from pacs_node.audit import load_chain_key
 from pacs_node.cli.errors import BadInput, Failure
 from pacs_node.config import CONFIG_SEARCH_HELP, Config, ConfigError
 from pacs_node.config_check import load_for_command
@@ -51,9 +52,11 @@ class ConfigSource:
         """The validated config, found as the service's is; BadInput (exit 2) naming the bad
         key, or refusing root on another user's data directory."""
         try:
-            return load_for_command(self.path, data_dir=self.data_dir, force_root=self.force_root)
+            config = load_for_command(self.path, data_dir=self.data_dir, force_root=self.force_root)
+            load_chain_key()  # a set but unusable audit chain key stops every command here
         except ConfigError as e:
             raise BadInput(f"configuration error: {e}") from e
+        return config
 
 
 def config_source_options(command: Callable[..., Any]) -> Callable[..., Any]:

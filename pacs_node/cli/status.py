@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from pacs_node import __version__
+from pacs_node.audit import describe_chain_protection
 from pacs_node.cli.errors import Failure
 from pacs_node.cli.options import config_options
 from pacs_node.cli.output import iso
@@ -73,6 +74,7 @@ def status_report(config: Config) -> dict[str, Any]:
         "torn_tails_set_aside": [
             str(p) for p in set_aside_files(config.data_dir, config.audit.path)
         ],
+        "audit_protection": describe_chain_protection(config.audit.anchor_interval_s, r.enabled),
         "replication": {
             "enabled": r.enabled,
             "target": describe_target(r),
@@ -121,6 +123,7 @@ def _print_status(r: dict[str, Any]) -> None:
         )
     else:
         click.echo("versions pending review: 0")
+    click.echo(f"audit: {r['audit_protection']}")
     if r["torn_tails_set_aside"]:
         names = ", ".join(Path(p).name for p in r["torn_tails_set_aside"])
         click.echo(f"torn tails set aside: {len(r['torn_tails_set_aside'])} ({names})")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import ssl
 import threading
 import time
 import weakref
@@ -32,7 +33,7 @@ from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel
 
 from pacs_node.audit import AuditLog
-from pacs_node.config import Config
+from pacs_node.config import Config, Peer
 from pacs_node.dimse.access import AccessPolicy
 from pacs_node.dimse.status import (
     INVALID_ARGUMENT_VALUE,
@@ -44,6 +45,7 @@ from pacs_node.dimse.status import (
     RESOURCE_LIMITATION,
     SUCCESS,
 )
+from pacs_node.dimse.tls import client_tls
 from pacs_node.index import Index, IndexFailure
 from pacs_node.index.commitment import held_instances
 from pacs_node.storage.layout import InvalidUID, validate_uid
@@ -462,6 +464,30 @@ class CommitmentService:
                 checkpoint.set()
         return self._answered(status)
 
+    def _associate(self, ae: AE, peer: Peer, role: Any) -> Association:
+        """The association for a report; over TLS to a TLS-only peer, whose server certificate
+        must match its binding before the report (the first byte of patient context) goes."""
+        tls = client_tls(self.config, peer)
+        if tls is None:
+            return ae.associate(peer.host, peer.port, ae_title=peer.ae_title, ext_neg=[role])
+        assoc = ae.associate(
+            peer.host,
+            peer.port,
+            ae_title=peer.ae_title,
+            ext_neg=[role],
+            tls_args=(tls.context, tls.server_name or ""),
+        )
+        if assoc.is_established:
+            sock = assoc.dul.socket.socket if assoc.dul.socket else None
+            try:
+                tls.check(sock)  # type: ignore[arg-type]
+            except ssl.SSLError as e:
+                log.warning(
+                    "event=commitment_report_tls_refused peer=%s error=%s", peer.ae_title, e
+                )
+                assoc.abort()
+        return assoc
+
     def _send_on_new_association(self, tx: _Transaction, event_type: int, info: Dataset) -> bool:
         peer = self.config.peer(tx.calling_ae)
         if peer is None or peer.host is None or peer.port is None:
@@ -486,7 +512,7 @@ class CommitmentService:
         for attempt in range(1, _NEW_ASSOCIATION_TRIES + 1):
             if self._stopping.is_set():
                 return False
-            assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, ext_neg=[role])
+            assoc = self._associate(ae, peer, role)
             if assoc.is_established:
                 try:
                     status, _ = assoc.send_n_event_report(

@@ -70,15 +70,20 @@ def decode_identifier(raw: bytes, transfer_syntax: str) -> Dataset:
             raise IdentifierError(f"the identifier does not inflate: {e}") from e
         if len(raw) > _MAX_INFLATED_IDENTIFIER:
             raise IdentifierError("the identifier inflates past 4 MiB")
+    # The messages name the attribute and the kind of error, never the value nor pydicom's
+    # text (which quotes values): they reach the log and the audit (no patient data there).
+    attribute = "?"
     try:
         ds = decode(io.BytesIO(raw), implicit, little, False)
         _check_uid_keys(ds)
         for element in ds:  # convert now, so a malformed value fails here, not later
+            attribute = element.keyword or str(element.tag)
             _ = element.value
     except IdentifierError:
         raise
     except Exception as e:  # pydicom raises many kinds on malformed input
-        raise IdentifierError(f"the identifier cannot be decoded: {type(e).__name__}: {e}") from e
+        where = "" if attribute == "?" else f" at {attribute}"
+        raise IdentifierError(f"the identifier cannot be decoded{where}: {type(e).__name__}") from e
     return ds
 
 
@@ -97,16 +102,14 @@ def _check_uid_keys(ds: Dataset) -> None:
         if vr == "UI" and not _UID_KEY.fullmatch(value.rstrip(b"\x00 ")):
             raise IdentifierError(
                 f"{keyword_for_tag(tag) or tag}: a UID key holds characters other than digits and "
-                f"dots ({value!r})"
+                "dots"
             )
 
 
 def query_level(ds: Dataset) -> str:
     level = str(ds.get("QueryRetrieveLevel", "") or "").strip().upper()
     if level not in _UNIQUE_KEYS:
-        raise IdentifierError(
-            f"QueryRetrieveLevel {level!r} is not PATIENT, STUDY, SERIES or IMAGE"
-        )
+        raise IdentifierError("QueryRetrieveLevel is not PATIENT, STUDY, SERIES or IMAGE")
     return level
 
 

@@ -44,6 +44,7 @@ from pacs_node.dimse.status import (
     SUB_OPERATIONS_WARNING,
     SUCCESS,
 )
+from pacs_node.dimse.tls import client_tls
 from pacs_node.index import IndexFailure, QueryError, RetrieveItem
 from pacs_node.retrieve.ahead import FetchAhead
 from pacs_node.retrieve.readback import ReadbackFailed, VerifiedCopy
@@ -181,7 +182,8 @@ class Retriever:
                 f"move destination {destination_ae!r} is not a known peer with an address",
             )
             return None
-        return Destination(peer.ae_title, peer.host, peer.port)
+        tls = client_tls(self._service.config, peer)  # a TLS-only peer: over TLS
+        return Destination(peer.ae_title, peer.host, peer.port, tls)
 
     def _lookup(
         self, request: QRRequest, operation: str, model: str, level: str, identifier: Dataset

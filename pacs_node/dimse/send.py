@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from pacs_node.dimse.messages import (
     us,
 )
 from pacs_node.dimse.negotiation import SEND_PREFERENCE
+from pacs_node.dimse.tls import ClientTls
 from pacs_node.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from pacs_node.index import RetrieveItem
 from pacs_node.retrieve.readback import VerifiedCopy
@@ -74,6 +76,7 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    tls: ClientTls | None = None  # a TLS-only peer: reached over TLS, its certificate checked
 
 
 def proposals_for(items: list[RetrieveItem]) -> list[tuple[str, tuple[str, ...]]]:
@@ -205,6 +208,13 @@ class StoreAssociation:
         except OSError as e:
             raise AssociationFailed(f"cannot connect to {d.host}:{d.port}: {e}") from e
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if d.tls is not None:
+            try:
+                sock = d.tls.wrap(sock, self._timeout_s)
+            except (ssl.SSLError, OSError) as e:
+                raise AssociationFailed(
+                    f"TLS with {d.ae_title} at {d.host}:{d.port} failed: {e}"
+                ) from e
         self._sock = sock
         try:
             sock.sendall(self._request_pdu())

@@ -25,13 +25,20 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from pacs_node.audit import AuditLog
 from pacs_node.config import Config, TlsConfig
 from pacs_node.dimse import negotiation
-from pacs_node.dimse.access import LOCAL_LIMIT_EXCEEDED, AccessPolicy, Refusal
+from pacs_node.dimse.access import (
+    LOCAL_LIMIT_EXCEEDED,
+    AccessPolicy,
+    PeerCertificate,
+    Refusal,
+)
 from pacs_node.dimse.commitment import CommitmentService
 from pacs_node.dimse.qr import QR_MODELS, QueryRetrieveService
 from pacs_node.dimse.receive import StoreReceiver, TunedSocket, quickack
 from pacs_node.dimse.status import NOT_AUTHORIZED, SUCCESS
+from pacs_node.dimse.tls import CIPHERS, peer_certificate
 from pacs_node.index import Index
 from pacs_node.ingest import Ingest
+from pacs_node.phi import keep_values_out_of_logs
 from pacs_node.storage.cache import Cache
 from pacs_node.storage.target import ReplicationTarget
 
@@ -52,6 +59,7 @@ def configure_pynetdicom() -> None:
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    keep_values_out_of_logs()  # pydicom quotes malformed values (a birth date, an ID) in warnings
 
 
 class _PolicyACSE(ACSE):
@@ -78,8 +86,11 @@ class _PolicyACSE(ACSE):
         called = str(request.called_ae_title).strip()
         peer_host = str(self.requestor.address)
         peer = f"{peer_host}:{self.requestor.port}"
-        tls = _tls_fields(self.assoc.dul.socket.socket if self.assoc.dul.socket else None)
-        refusal = self.policy.check_association(calling, called, peer_host)
+        certificate = peer_certificate(
+            self.assoc.dul.socket.socket if self.assoc.dul.socket else None
+        )
+        tls = _tls_fields(certificate)
+        refusal = self.policy.check_association(calling, called, peer_host, certificate)
         if refusal is None and self._established_acceptors() >= self.max_associations:
             refusal = Refusal(
                 f"dicom.max_associations ({self.max_associations}) associations are open",
@@ -127,28 +138,14 @@ class _PolicyACSE(ACSE):
         self.assoc.kill()
 
 
-_RDN_NAMES = {
-    "commonName": "CN",
-    "organizationName": "O",
-    "organizationalUnitName": "OU",
-    "countryName": "C",
-    "localityName": "L",
-    "stateOrProvinceName": "ST",
-}
-
-
-def _tls_fields(sock: socket.socket | None) -> dict[str, str]:
-    """For the audit: the TLS version and the subject of the peer's verified certificate."""
-    if not isinstance(sock, ssl.SSLSocket):
+def _tls_fields(certificate: PeerCertificate | None) -> dict[str, str]:
+    """For the audit: the TLS version, the subject and fingerprint of the peer's certificate."""
+    if certificate is None:
         return {}
-    fields = {"tls": str(sock.version())}
-    certificate = sock.getpeercert()
-    if certificate:
-        fields["tls_subject"] = ",".join(
-            f"{_RDN_NAMES.get(key, key)}={value}"
-            for rdn in certificate.get("subject", ())
-            for key, value in rdn
-        )
+    fields = {"tls": certificate.version}
+    if certificate.sha256 is not None:
+        fields["tls_subject"] = certificate.subject_text
+        fields["tls_sha256"] = certificate.sha256
     return fields
 
 
@@ -157,7 +154,7 @@ def tls_context(config: TlsConfig) -> ssl.SSLContext:
     ChaCha20-Poly1305 (TLS 1.3 suites are all fine)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:!aNULL:!eNULL:!SHA1")
+    context.set_ciphers(CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     assert config.certificate is not None and config.private_key is not None
     context.load_cert_chain(str(config.certificate), str(config.private_key))
@@ -282,8 +279,10 @@ class DicomServer:
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return self._server.server_address[1]
+        """The plain port, or the TLS port when the plain listener is off."""
+        server = self._server or self._tls_server
+        assert server is not None
+        return server.server_address[1]
 
     def start(self) -> None:
         configure_pynetdicom()
@@ -316,8 +315,11 @@ class DicomServer:
         # A bad certificate or key stops the start, before anything listens.
         context = tls_context(self.config.tls) if self.config.tls.enabled else None
         self._ae = ae
-        self._server, self._thread = self._listen(ae, (d.host, d.port), handlers, None)
-        log.info("event=listening ae_title=%s host=%s port=%d", d.ae_title, d.host, self.port)
+        if self.config.tls.plain_listener:
+            self._server, self._thread = self._listen(ae, (d.host, d.port), handlers, None)
+            log.info("event=listening ae_title=%s host=%s port=%d", d.ae_title, d.host, self.port)
+        else:
+            log.info("event=plain_listener_off ae_title=%s host=%s", d.ae_title, d.host)
         if context is not None:
             self._tls_server, self._tls_thread = self._listen(
                 ae, (d.host, self.config.tls.port), handlers, context
@@ -378,9 +380,10 @@ class DicomServer:
         is lost (the sender keeps its copy and resends), and a modality holding an idle
         association open cannot keep the node from stopping.
         """
-        if self._server is None or self._ae is None:
+        if (self._server is None and self._tls_server is None) or self._ae is None:
             return
-        self._server.shutdown()  # closes the listening socket; established ones go on
+        if self._server is not None:
+            self._server.shutdown()  # closes the listening socket; established ones go on
         if self._tls_server is not None:
             self._tls_server.shutdown()
         receivers = [
@@ -410,3 +413,4 @@ class DicomServer:
         self.commitment.join()  # reports in flight end with their associations
         self.query_retrieve.stop()
         self._server = None
+        self._tls_server = None

@@ -27,6 +27,7 @@ from pydicom.valuerep import PersonName
 
 from pacs_node import __version__
 from pacs_node.export.profile import Profile
+from pacs_node.keys import key_identifier
 
 DUMMY_TEXT = "DEIDENTIFIED"
 DUMMY_DATE = "19000101"
@@ -47,10 +48,12 @@ class Keyring:
     """HMACs of the project key, one purpose label each (a value for one purpose never equals
     the value for another)."""
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, id_secret: bytes | None = None) -> None:
+        """`id_secret`: this machine's secret for the key's identifier (`fingerprint`)."""
         if len(key) < 16:
             raise ValueError("the pseudonym key must be at least 16 bytes")
         self._key = key
+        self._id_secret = id_secret
         self._uids: dict[str, str] = {}
 
     def mac(self, purpose: str, value: str) -> bytes:
@@ -82,7 +85,11 @@ class Keyring:
         return "hmac:" + self.mac(purpose, value).hex()[:20]
 
     def fingerprint(self) -> str:
-        """Identifies the key (to refuse resuming an export with another one), reveals nothing."""
+        """Identifies the key (to refuse resuming an export with another one). Keyed with this
+        machine's secret when given (pacs_node.keys): a function of the key alone, written in
+        the audit and the export's state, would let a reader test passphrase guesses offline."""
+        if self._id_secret is not None:
+            return key_identifier(self._key, self._id_secret)
         return self.mac("fingerprint", "pacs-node export").hex()[:16]
 
 

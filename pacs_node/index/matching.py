@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 
 
 class QueryError(ValueError):
-    """The identifier cannot be matched (bad level, malformed date range, ...): says why."""
+    """The identifier cannot be matched (bad level, malformed date range, ...): says why, naming
+    the attribute and the kind of error, never the value (it may be a birth date or a name and
+    ends up in logs and the audit)."""
 
 
 # A condition: SQL with `?` placeholders and the values bound to them.
@@ -78,7 +80,7 @@ def _uid_condition(keyword: str, column: str, value: str) -> Cond | None:
         return None
     values = key_values(value)
     if any(has_wildcard(v) for v in values):
-        raise QueryError(f"{keyword}: wildcards are not allowed in a UID key ({value!r})")
+        raise QueryError(f"{keyword}: wildcards are not allowed in a UID key")
     return in_list(column, values)
 
 
@@ -88,7 +90,7 @@ def _int_condition(keyword: str, column: str, value: str) -> Cond | None:
     try:
         numbers = [int(v) for v in key_values(value)]
     except ValueError:
-        raise QueryError(f"{keyword}: not an integer ({value!r})") from None
+        raise QueryError(f"{keyword}: not an integer") from None
     return in_list(column, numbers)
 
 
@@ -100,25 +102,25 @@ _TM = re.compile(r"(\d{2})(\d{2})?(\d{2})?(?:\.(\d{1,6}))?")
 
 def _date(keyword: str, text: str) -> str:
     if not _DA.fullmatch(text):
-        raise QueryError(f"{keyword}: {text!r} is not a date YYYYMMDD")
+        raise QueryError(f"{keyword}: not a date YYYYMMDD")
     try:
         date(int(text[:4]), int(text[4:6]), int(text[6:]))
     except ValueError:
-        raise QueryError(f"{keyword}: {text!r} is not a valid date") from None
+        raise QueryError(f"{keyword}: not a valid date") from None
     return text
 
 
 def _split_range(keyword: str, value: str) -> tuple[str, str] | None:
     """(low, high) of a range ("" where open), or None for a single value."""
     if "\\" in value:
-        raise QueryError(f"{keyword}: only one value or range is allowed ({value!r})")
+        raise QueryError(f"{keyword}: only one value or range is allowed")
     if has_wildcard(value):
-        raise QueryError(f"{keyword}: wildcards are not allowed in a date or time ({value!r})")
+        raise QueryError(f"{keyword}: wildcards are not allowed in a date or time")
     if "-" not in value:
         return None
     low, _, high = value.partition("-")
     if "-" in high:
-        raise QueryError(f"{keyword}: malformed range ({value!r})")
+        raise QueryError(f"{keyword}: malformed range")
     return low.strip(), high.strip()
 
 
@@ -135,7 +137,7 @@ def _date_condition(keyword: str, column: str, value: str) -> Cond | None:
     low = _date(keyword, bounds[0]) if bounds[0] else "00000000"
     high = _date(keyword, bounds[1]) if bounds[1] else "99999999"
     if low > high:
-        raise QueryError(f"{keyword}: the range starts after it ends ({value!r})")
+        raise QueryError(f"{keyword}: the range starts after it ends")
     return f"{column} BETWEEN ? AND ?", [low, high]
 
 
@@ -144,10 +146,10 @@ def _time_span(keyword: str, text: str) -> tuple[str, str]:
     "1230" is 12:30:00.000000 to 12:30:59.999999, so it equals "123000" both ways."""
     match = _TM.fullmatch(text.replace(":", ""))  # ":" as in ACR-NEMA times
     if not match or (match.group(4) is not None and match.group(3) is None):
-        raise QueryError(f"{keyword}: {text!r} is not a time HH[MM[SS[.F{{1,6}}]]]")
+        raise QueryError(f"{keyword}: not a time HH[MM[SS[.F{{1,6}}]]]")
     hh, mm, ss, frac = match.groups()
     if int(hh) > 23 or int(mm or 0) > 59 or int(ss or 0) > 60:
-        raise QueryError(f"{keyword}: {text!r} is not a valid time")
+        raise QueryError(f"{keyword}: not a valid time")
     earliest = f"{hh}{mm or '00'}{ss or '00'}.{(frac or '').ljust(6, '0')}"
     latest = f"{hh}{mm or '59'}{ss or '59'}.{(frac or '').ljust(6, '9')}"
     return earliest, latest

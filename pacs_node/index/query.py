@@ -373,7 +373,7 @@ def instances_to_retrieve(
             continue
         values = key_values(value)
         if above > _PATIENT and any(has_wildcard(v) for v in values):
-            raise QueryError(f"{_UNIQUE_KEYS[above]}: wildcards are not allowed ({value!r})")
+            raise QueryError(f"{_UNIQUE_KEYS[above]}: wildcards are not allowed")
         field = _ATTRS[_UNIQUE_KEYS[above]].field
         # Exact values only: a retrieval names instances, it does not search for them.
         where.append(in_list(f"{_ALIASES[above]}.{_col(models, above, field)}", values))
