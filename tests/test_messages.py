@@ -129,7 +129,7 @@ def test_export_keeps_pydicom_warnings_off_the_terminal(
         "--all",
         "--to",
         str(tmp_path / "out"),
-        env={"PACS_NODE_PSEUDONYM_KEY": "k" * 32},
+        env={"PACS_NODE_PSEUDONYM_KEY": "q7Zr-Lw2x9VbT4mNc8Ha1Ye5Uj3Kp6Ds"},
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Warning" not in result.stderr and "warn" not in result.stderr.lower(), result.stderr
