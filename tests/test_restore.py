@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import json
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -42,6 +43,7 @@ from tests.s3server import (  # noqa: F401 (fixtures)
     FaultProxy,
     _moto_process,
     bucket,
+    fault_proxy,
     s3_server,
 )
 from tests.test_query_retrieve import (  # noqa: F401 (start_storescp is a fixture)
@@ -954,3 +956,27 @@ def test_restored_index_opens_as_a_node_index(
     finally:
         index.close()
     assert counts.instances == 3 and counts.cache_bytes == 0 and counts.replication_pending == 0
+
+
+def test_ctrl_c_during_restore_says_what_was_kept_and_how_to_resume(
+    site: Callable[..., Site], fault_proxy: FaultProxy, bucket: str, tmp_path: Path
+) -> None:
+    """Ctrl-C in the middle of a restore (the bucket hangs): exit 130, a message that says
+    nothing was installed and how to go on, and no index left behind."""
+    s = site(replication=replication_section(bucket, fault_proxy.endpoint_url))
+    s.session(tmp_path / "in", 4)
+    shutil.rmtree(s.data)  # the machine is lost
+    fault_proxy.set_mode("hang")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pacs_node", "restore", "--config", str(s.config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(3)  # well into the first (hanging) request
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    assert "interrupted: nothing installed" in err, err
+    assert "Run `pacs-node restore` again" in err
+    assert not (s.data / "index.sqlite3").exists()

@@ -13,6 +13,7 @@ import click
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 
 
 class CommandError(click.ClickException):
@@ -39,3 +40,9 @@ class BadInput(CommandError):
     """Exit 2: bad configuration, profile or usage; nothing was done."""
 
     exit_code = EXIT_CONFIG
+
+
+class Interrupted(CommandError):
+    """Exit 130: stopped by Ctrl-C (SIGINT); the message says what was kept and how to go on."""
+
+    exit_code = EXIT_INTERRUPTED

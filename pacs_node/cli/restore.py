@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from pacs_node.cli.errors import BadInput, CommandError, Failure
+from pacs_node.cli.errors import BadInput, CommandError, Failure, Interrupted
 from pacs_node.cli.options import (
     concurrency_option,
     config_options,
@@ -47,7 +47,8 @@ but not whole: an instance was LOST (its bytes exist nowhere), an object could n
 indexed (skipped), a bucket copy's SIZE DIFFERS or is CORRUPT (--verify), or a cached file
 is DAMAGED; each is named (a --dry-run that finds such problems exits 3 too). 1 nothing was
 installed: the bucket unreachable, nothing to restore, the result failed its check, or the
-node runs. 2 bad configuration or usage; nothing done."""
+node runs. 2 bad configuration or usage; nothing done. 130 interrupted (Ctrl-C): nothing
+installed; run the same command again."""
 
 
 class Incomplete(CommandError):
@@ -238,6 +239,14 @@ def _rebuild(
             progress=ProgressBar(),
             busy_timeout_s=config.index.busy_timeout_s,
         )
+    except KeyboardInterrupt:
+        # The index is built beside the final one and renamed in only when complete and
+        # checked; the bucket and the cache were only read.
+        raise Interrupted(
+            f"interrupted: nothing installed, {path} is as it was before this {command} "
+            f"(its half-built copy is removed by the next run); the bucket and the cache were "
+            f"only read. Run `pacs-node {command}` again to start over."
+        ) from None
     except NothingToRestore as e:
         if if_missing:
             click.echo(f"{e}; nothing restored (--if-missing): the node starts empty")
