@@ -26,7 +26,7 @@ from pacs_node.preflight import check_listen_addresses
 from pacs_node.replication.audit_copy import AuditCopier
 from pacs_node.replication.reindex import IndexUnusable, refusal
 from pacs_node.replication.snapshot import Snapshotter
-from pacs_node.replication.worker import Replicator
+from pacs_node.replication.worker import Replicator, plain_object_retention
 from pacs_node.retrieve.eviction import Evictor
 from pacs_node.storage.target import ReplicationTarget, TargetError
 
@@ -50,8 +50,17 @@ class Node:
         self.audit_copy: AuditCopier | None = None
         if self.target is not None:
             self.replicator = Replicator(self.index, self.cache, self.target, config.replication)
+            # Snapshots, audit copies and anchors are kept as long as the instances they
+            # describe when the bucket uses Object Lock.
+            retention = plain_object_retention(
+                config.replication.object_lock_mode, config.replication.object_lock_retention_days
+            )
             self.snapshots = Snapshotter(
-                self.index, self.target, config.replication.prefix, config.snapshots
+                self.index,
+                self.target,
+                config.replication.prefix,
+                config.snapshots,
+                lock_until=retention,
             )
             # The audit record goes off-site too: each rotated file, once.
             # Its head is anchored in the bucket at a bounded interval (cut or rewrite is seen).
@@ -61,6 +70,7 @@ class Node:
                 config.replication.prefix,
                 head=self.audit.head,
                 anchor_interval_s=config.audit.anchor_interval_s,
+                lock_until=retention,
             )
             self.audit.on_rotated = self.audit_copy.rotated
         self.ingest = Ingest(

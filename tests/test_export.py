@@ -1327,6 +1327,7 @@ def test_manifest_links_download_the_objects_from_s3(
         f"s3://{bucket}/project-alpha",
         "--endpoint-url",
         s3_server.endpoint_url,
+        "--allow-plain-http",
         "--region",
         "us-east-1",
         "--addressing-style",
@@ -1385,8 +1386,13 @@ def test_never_exports_to_the_clinical_bucket_or_the_node_data(
         f"s3://{bucket}/x",
         "--endpoint-url",
         s3_server.endpoint_url,
+        "--allow-plain-http",
     )
     assert ran.exit_code == 2 and "clinical replication bucket" in ran.stderr
+    ran = run_export(
+        node, "--all", "--to", f"s3://{bucket}/x", "--endpoint-url", s3_server.endpoint_url
+    )
+    assert ran.exit_code == 2 and "plain HTTP" in ran.stderr
     ran = run_export(node, "--all", "--to", str(node.data_dir / "exports-here"))
     assert ran.exit_code == 2 and "node's own data" in ran.stderr
     ran = run_export(node, "--all", "--to", str(tmp_path / "x"), key="short")

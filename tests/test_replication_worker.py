@@ -360,3 +360,39 @@ def test_lock_until_keeps_the_retention_from_receipt_when_it_is_still_ahead() ->
     assert lock_until(received, 3650, now) == received + timedelta(days=3650)
     assert lock_until(received, 1, now) == now + LOCK_MIN_AHEAD
     assert lock_until(received - timedelta(days=400), 30, now) == now + LOCK_MIN_AHEAD
+
+
+def test_snapshots_and_audit_anchors_get_the_instances_object_lock(
+    start_node: Callable[..., Any], s3_server: MotoServer, tmp_path: Path
+) -> None:
+    """With Object Lock configured, the index snapshot (data and manifest) and the audit
+    anchor written at a clean stop are retained as long as an instance received now."""
+    from tests.factory import make_folder
+    from tests.test_replication import replication_section, store_folder
+
+    client = s3_server.client()
+    locked = unique_bucket_name("lock")
+    client.create_bucket(Bucket=locked, ObjectLockEnabledForBucket=True)
+    replication = replication_section(
+        locked,
+        s3_server.endpoint_url,
+        object_lock_mode="GOVERNANCE",
+        object_lock_retention_days=3,
+    )
+    node = start_node(replication=replication)
+    make_folder(tmp_path / "in", 2)
+    store_folder(node.port, tmp_path / "in")
+    before = datetime.now(UTC)
+    node.node.stop(drain_timeout_s=10)  # a clean stop takes a snapshot and anchors the audit
+    listed = [
+        o["Key"]
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=locked)
+        for o in page.get("Contents", [])
+    ]
+    plain = [k for k in listed if "/snapshots/" in k or "/audit-anchors/" in k]
+    assert any("/snapshots/" in k for k in plain) and any("/audit-anchors/" in k for k in plain)
+    for key in plain:
+        raw = client.head_object(Bucket=locked, Key=key)
+        assert raw.get("ObjectLockMode") == "GOVERNANCE", key
+        until = raw["ObjectLockRetainUntilDate"]
+        assert until >= before + timedelta(days=3) - timedelta(minutes=1), (key, until)

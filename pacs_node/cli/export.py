@@ -154,6 +154,11 @@ def _summarize_profile(profile: Profile) -> None:
 )
 @click.option("--aws-profile", help="Named AWS profile for the export bucket.")
 @click.option("--endpoint-url", help="S3-compatible endpoint of the export bucket.")
+@click.option(
+    "--allow-plain-http",
+    is_flag=True,
+    help="Allow an http:// --endpoint-url (no TLS: data in transit unprotected; test endpoints).",
+)
 @click.option("--region", help="Region of the export bucket.")
 @click.option(
     "--addressing-style",
@@ -179,6 +184,7 @@ def export_command(
     link_expiry: str,
     aws_profile: str | None,
     endpoint_url: str | None,
+    allow_plain_http: bool,
     region: str | None,
     addressing_style: str,
     purpose: str | None,
@@ -223,6 +229,12 @@ def export_command(
     except click.BadParameter as e:
         raise BadInput(f"usage error: --link-expiry: {e.message}") from e
     key = _pseudonym_key()
+    if endpoint_url and endpoint_url.lower().startswith("http://") and not allow_plain_http:
+        raise BadInput(
+            f"usage error: --endpoint-url {endpoint_url} is plain HTTP: de-identified data would "
+            "cross the network unencrypted; use https://, or --allow-plain-http for a test "
+            "endpoint"
+        )
     try:
         target = open_target(
             destination,

@@ -54,6 +54,7 @@ class AuditCopier:
         *,
         head: Callable[[], tuple[int, str] | None] | None = None,
         anchor_interval_s: float = 0.0,
+        lock_until: Callable[[], datetime | None] = lambda: None,
     ) -> None:
         """`head`: the chain's (seq, hash) now (AuditLog.head); anchors are written every
         `anchor_interval_s` (0: only at `stop`)."""
@@ -62,6 +63,7 @@ class AuditCopier:
         self._prefix = prefix
         self._head = head
         self._anchor_interval_s = anchor_interval_s
+        self._lock_until = lock_until  # Object Lock retain-until of a copy or anchor made now
         self._anchored: tuple[int, str] | None = None
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -107,7 +109,7 @@ class AuditCopier:
             with tempfile.TemporaryDirectory(prefix="audit-anchor-") as folder:
                 path = Path(folder) / "anchor.json"
                 path.write_text(json.dumps(body, separators=(",", ":")) + "\n")
-                self._target.put_file(key, path)
+                self._target.put_file(key, path, object_lock_until=self._lock_until())
         except (TargetError, OSError) as e:
             log.warning("event=audit_anchor_failed key=%s error=%s", key, e)
             return False
@@ -124,7 +126,7 @@ class AuditCopier:
                 continue
             key = audit_key(self._prefix, path)
             try:
-                self._target.put_file(key, path)
+                self._target.put_file(key, path, object_lock_until=self._lock_until())
             except (TargetError, OSError) as e:
                 log.warning("event=audit_copy_failed key=%s error=%s", key, e)
                 return done  # retried at the next rotation or start

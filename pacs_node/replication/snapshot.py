@@ -27,6 +27,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,7 +37,7 @@ from pacs_node import __version__
 from pacs_node.config import SnapshotConfig
 from pacs_node.index import Index, IndexFailure
 from pacs_node.index.snapshot import SnapshotFacts, fingerprint, inspect_copy, vacuum_into
-from pacs_node.storage.target import ReplicationTarget, TargetError
+from pacs_node.storage.target import PermanentTargetError, ReplicationTarget, TargetError
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,7 @@ def take_snapshot(
     retain: int,
     work_dir: Path,
     now: datetime | None = None,
+    object_lock_until: datetime | None = None,
 ) -> Manifest:
     """Copy, check, compress and upload a snapshot of `index`, then prune to `retain`.
 
@@ -202,11 +204,12 @@ def take_snapshot(
         compressed_sha256 = _compress(copy, packed)
         manifest = _manifest(moment, data_key, packed, copy, compressed_sha256, facts, marks)
         try:
-            target.put_file(data_key, packed)
+            target.put_file(data_key, packed, object_lock_until=object_lock_until)
             manifest_file = base.with_name(base.name + ".json")
             manifest_file.write_bytes(manifest.to_json())
             try:
-                target.put_file(manifest_key, manifest_file)  # last: it names a whole snapshot
+                # Last: it names a whole snapshot.
+                target.put_file(manifest_key, manifest_file, object_lock_until=object_lock_until)
             finally:
                 manifest_file.unlink(missing_ok=True)
         except TargetError as e:
@@ -290,9 +293,14 @@ def prune(target: ReplicationTarget, prefix: str, retain: int) -> list[str]:
         if s in kept or s.stamp >= oldest_kept:
             continue
         for key in (s.manifest_key, s.data_key):  # manifest first: never a dangling manifest
-            if key is not None:
+            if key is None:
+                continue
+            try:
                 target.delete(key)
-                deleted.append(key)
+            except PermanentTargetError as e:  # under Object Lock until its date: kept
+                log.info("event=index_snapshot_kept key=%s reason=%s", key, e)
+                break
+            deleted.append(key)
     if deleted:
         log.info("event=index_snapshots_pruned deleted=%d kept=%d", len(deleted), len(kept))
     return deleted
@@ -316,8 +324,16 @@ class Snapshotter:
     when `on_stop`, one at a clean stop. Failures are logged, never fatal to the node."""
 
     def __init__(
-        self, index: Index, target: ReplicationTarget, prefix: str, config: SnapshotConfig
+        self,
+        index: Index,
+        target: ReplicationTarget,
+        prefix: str,
+        config: SnapshotConfig,
+        *,
+        lock_until: Callable[[], datetime | None] = lambda: None,
     ) -> None:
+        """`lock_until`: the Object Lock retain-until date of a snapshot taken now, if any."""
+        self._lock_until = lock_until
         self._index = index
         self._target = target
         self._prefix = prefix
@@ -361,6 +377,7 @@ class Snapshotter:
                     self._prefix,
                     retain=self._config.retain,
                     work_dir=self._work_dir,
+                    object_lock_until=self._lock_until(),
                 )
             except (SnapshotError, IndexFailure, TargetError, OSError) as e:
                 log.error("event=index_snapshot_failed reason=%s error=%s", reason, e)

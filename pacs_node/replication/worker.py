@@ -27,7 +27,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -97,6 +97,18 @@ def lock_until(received_at: datetime, retention_days: int, now: datetime) -> dat
     instance replicated later than its retention period (an outage, a restore's re-upload)
     would otherwise fail forever; it is kept at least that minimum instead."""
     return max(received_at + timedelta(days=retention_days), now + LOCK_MIN_AHEAD)
+
+
+def plain_object_retention(
+    mode: str | None, retention_days: int
+) -> Callable[[], datetime | None]:
+    """The retain-until date of the plain objects the node writes (index snapshots and their
+    manifests, audit copies and anchors): as long as an instance received now is kept, so the
+    record of what the bucket held cannot be removed before the instances it describes; None
+    without Object Lock."""
+    if not mode:
+        return lambda: None
+    return lambda: datetime.now(UTC) + timedelta(days=retention_days)
 
 
 def object_meta(job: ClaimedJob) -> ObjectMeta:

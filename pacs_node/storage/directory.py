@@ -235,9 +235,14 @@ class DirectoryTarget:
             if final.parent.exists():
                 fsync_dir(final.parent)
 
-    def put_file(self, key: str, path: Path) -> RemoteObject:
+    def put_file(
+        self, key: str, path: Path, *, object_lock_until: datetime | None = None
+    ) -> RemoteObject:
         """A plain object (no sidecar): copied durably, linked into place (never replacing a
-        file with other bytes), read back."""
+        file with other bytes), read back. A directory has no Object Lock (the config refuses
+        it), so a retain-until date is refused too rather than silently dropped."""
+        if object_lock_until is not None:
+            raise PermanentTargetError(f"{self.description}: Object Lock is not available")
         final = self._path(key)
         digest = digest_local(path, None)
         with self._lock_for(key), _os_translated("put", key):

@@ -191,11 +191,16 @@ class S3Target:
         with translated("delete", key):
             self._client.delete_object(Bucket=self.settings.bucket, Key=key)
 
-    def put_file(self, key: str, path: Path) -> RemoteObject:
+    def put_file(
+        self, key: str, path: Path, *, object_lock_until: datetime | None = None
+    ) -> RemoteObject:
         """Upload a plain object (an index snapshot, a manifest) from `path`, never replacing
         another one: the same bytes already there are an idempotent success, other bytes raise
-        ObjectConflict. Verified against what the server computed, as instances are."""
-        return self._put_new(self._uploader.prepare(key, path, None, {}), self._existing_plain)
+        ObjectConflict. Verified against what the server computed, as instances are; retained
+        under Object Lock until `object_lock_until` when given."""
+        lock_args = self._uploader.lock_args(object_lock_until)
+        put = self._uploader.prepare(key, path, None, lock_args)
+        return self._put_new(put, self._existing_plain)
 
     def read_prefix(self, key: str, length: int) -> ObjectPrefix | None:
         """The first `length` bytes of the object with its size and metadata, from ONE ranged

@@ -273,8 +273,11 @@ class ReplicationTarget(Protocol):
         copy of this instance (replaced) from a different instance (`ObjectConflict`)."""
         ...
 
-    def put_file(self, key: str, path: Path) -> RemoteObject:
-        """Store a plain object (index snapshot, manifest, audit copy), verified. Kept apart
+    def put_file(
+        self, key: str, path: Path, *, object_lock_until: datetime | None = None
+    ) -> RemoteObject:
+        """Store a plain object (index snapshot, manifest, audit copy), verified, under Object
+        Lock until `object_lock_until` when given. Kept apart
         from `put_instance`: without instance metadata nothing can prove that other bytes at
         the key are a damaged copy of ours, so other bytes there are always `ObjectConflict`."""
         ...
