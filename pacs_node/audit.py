@@ -74,7 +74,6 @@ from pacs_node.audit_verify import (
     anchor_name,
     parse_anchor,
     read_audit,
-    set_aside_audit_files,
     verify_chain,
 )
 from pacs_node.datadir import set_aside_tail
@@ -110,7 +109,6 @@ __all__ = [
     "read_audit",
     "rotated_files",
     "scan_tail",
-    "set_aside_audit_files",
     "verify_chain",
 ]
 

@@ -103,10 +103,6 @@ def _own_hash(line: bytes, key: bytes | None = None) -> tuple[str, str]:
     return claimed, hashlib.sha256(content).hexdigest()
 
 
-def _line_hash(line: bytes) -> str:
-    return _own_hash(line)[0]
-
-
 @dataclass(frozen=True)
 class _Link:
     """The end of the chain so far: the last record's seq and hash."""

@@ -28,12 +28,6 @@ from pacs_node.audit_chain import (
     _own_hash,
     rotated_files,
 )
-from pacs_node.datadir import TORN_MARK
-
-
-def set_aside_audit_files(path: Path) -> list[Path]:
-    """The torn tails set aside beside the audit file, oldest first."""
-    return sorted(path.parent.glob(f"{path.name}{TORN_MARK}*")) if path.parent.exists() else []
 
 
 def read_audit(path: Path) -> list[dict[str, Any]]:

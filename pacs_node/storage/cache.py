@@ -76,16 +76,9 @@ def digest_file(path: Path, dataset_offset: int) -> FileDigest:
     return FileDigest(size=size, dataset_sha256=sha.hexdigest(), md5=md5.hexdigest())
 
 
-def dataset_sha256(path: Path, dataset_offset: int) -> tuple[int, str]:
-    """(file size, SHA-256 of the bytes from dataset_offset on): `digest_file` without the MD5
-    (a third less hashing per instance)."""
-    with path.open("rb", buffering=0) as f:
-        return open_dataset_sha256(f.fileno(), dataset_offset)
-
-
 def open_dataset_sha256(fd: int, dataset_offset: int) -> tuple[int, str]:
-    """`dataset_sha256` of an open file descriptor (read with pread: its offset is untouched),
-    so that the bytes checked are the very ones then read from it."""
+    """(file size, SHA-256 of the bytes from dataset_offset on) of an open file descriptor,
+    read with pread (its offset is untouched), so the bytes checked are the ones then sent."""
     sha = hashlib.sha256()
     size = os.fstat(fd).st_size
     offset = dataset_offset
@@ -509,10 +502,6 @@ class Cache:
         cannot be read)."""
         return digest_file(self.root / relative_path, dataset_offset)
 
-    def dataset_digest(self, relative_path: str, dataset_offset: int) -> tuple[int, str]:
-        """(file size, dataset SHA-256) of a committed file: `digest` without the MD5, which
-        costs more than the SHA-256 here (raises as `digest` does)."""
-        return dataset_sha256(self.root / relative_path, dataset_offset)
 
     @contextlib.contextmanager
     def scratch_file(self) -> Iterator[Path]:
