@@ -265,8 +265,7 @@ class Replicator:
         except OSError as e:  # the cached file cannot be read: keep the job, say so loudly
             self._failed(owner, job, key, e)
             return
-        if not self._index.ack_job(job.job_id, owner):
-            log.warning("event=replication_lease_lost sop_uid=%s key=%s", job.sop_uid, key)
+        if not self._acked(owner, job, key):
             return
         with self.stats.lock:
             self.stats.uploaded += 1
@@ -318,10 +317,25 @@ class Replicator:
             damaged = EvictedAndBucketCopyDamaged(key, got.dataset_sha256, job.sha256)
             self._failed(owner, job, key, damaged)
             return
-        if self._index.ack_job(job.job_id, owner):
+        if self._acked(owner, job, key):
             log.info(
                 "event=replication_confirmed sop_uid=%s key=%s method=read-back", job.sop_uid, key
             )
+
+    def _acked(self, owner: str, job: ClaimedJob, key: str) -> bool:
+        """Ack a verified job; False (said, never raised) when the lease was lost or the index
+        refused the write: the job then comes due again and is verified anew, nothing lost."""
+        try:
+            if self._index.ack_job(job.job_id, owner):
+                return True
+            log.warning("event=replication_lease_lost sop_uid=%s key=%s", job.sop_uid, key)
+        except IndexFailure as e:
+            log.error(
+                "event=replication_ack_failed sop_uid=%s key=%s error=%s", job.sop_uid, key, e
+            )
+        with self.stats.lock:
+            self.stats.failed += 1
+        return False
 
     def _failed(self, owner: str, job: ClaimedJob, key: str, error: Exception) -> None:
         permanent = isinstance(error, PermanentTargetError)

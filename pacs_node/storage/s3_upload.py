@@ -32,6 +32,7 @@ from pacs_node.storage.target import (
     PermanentTargetError,
     SourceMismatch,
     StreamDigest,
+    TargetError,
     TargetSettings,
     TransientTargetError,
     digest_local,
@@ -139,9 +140,16 @@ class S3Uploader:
         md5s = self.settings.checksum == "md5" or bool(lock_args)
         headers = None
         if sha256s or md5s:
-            headers = digest_local(path, part_size, md5s=md5s, sha256s=sha256s)
+            offset = meta.dataset_offset if meta is not None else 0
+            headers = digest_local(
+                path, part_size, dataset_offset=offset, md5s=md5s, sha256s=sha256s
+            )
             if headers.size != size:
                 raise TransientTargetError(f"put key={key}: {path.name} changed while being read")
+            # This pass hashed the dataset already: bytes that are not the instance are refused
+            # before a request is made (the check while sending still guards what is sent).
+            if sha256s and meta is not None and headers.dataset_sha256.hex() != meta.sha256:
+                raise SourceMismatch(key, path, headers.dataset_sha256.hex(), meta.sha256)
         return Put(key, path, meta, size, part_size, headers, lock_args)
 
     def _part_size(self, size: int) -> int | None:
@@ -207,6 +215,14 @@ class S3Uploader:
             else:
                 self._put_multipart(put, sent, condition)
             return sent
+        except botocore.exceptions.HTTPClientError as e:
+            # An error raised by the request body while botocore sends it (SentSegment: the
+            # bytes are not the instance, or the file shrank) arrives wrapped: unwrap it, or a
+            # corrupt cached file would pass for a network error and be retried forever.
+            inner = e.kwargs.get("error")
+            if isinstance(inner, TargetError):
+                raise inner from e
+            raise classify(e, "put", put.key) from e
         except botocore.exceptions.ClientError as e:
             code, status = error_code(e)
             if status == 412 or code == "PreconditionFailed":
