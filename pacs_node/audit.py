@@ -62,6 +62,7 @@ from pacs_node.audit_chain import (
     _Link,
     _lock_path,
     _sealed,
+    _sealed_seq,
     load_chain_key,
     rotated_files,
     scan_tail,
@@ -299,11 +300,17 @@ class AuditLog:
             if not self._dirty or self._fd is None:
                 return
             self._dirty = False
-            try:
-                os.fsync(self._fd)
-            except OSError as e:
+            # The fsync runs outside the lock, on a duplicate of the descriptor: appends (one
+            # after every C-STORE Success) must not wait for the disk.
+            fd = os.dup(self._fd)
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            with self._lock:
                 self._dirty = True
-                log.error("event=audit_fsync_failed error=%s", e)
+            log.error("event=audit_fsync_failed error=%s", e)
+        finally:
+            os.close(fd)
 
     def head(self) -> tuple[int, str] | None:
         """(seq, hash) of the last record of the chain as this process knows it."""
@@ -360,6 +367,15 @@ class AuditLog:
                 f"records before line {scan.bad_line} and set the rest aside into a file beside "
                 "it (kept, and recorded in the audit), stop the node and run "
                 "`pacs-node audit recover` with the same --config/--data-dir"
+            )
+        first = data[scan.kept :].split(b"\n", 1)[0]
+        if self.key is not None and _is_keyed(first) and _sealed_seq(first) is not None:
+            # A whole, well-formed keyed record that fails only its MAC is no power cut's work:
+            # this process holds another key. Setting the file aside would restart the chain.
+            raise AuditDamaged(
+                f"the audit record {self.path.name}:{scan.bad_line} is sealed with another "
+                "chain key than the one configured ($PACS_NODE_AUDIT_KEY / _KEY_FILE): nothing "
+                "was changed; run with the key the node uses"
             )
         aside = set_aside_tail(self.path, scan.kept, data)
         tail = data[scan.kept :]
@@ -425,7 +441,10 @@ class AuditLog:
         entry["prev"] = self._prev
         body = json.dumps(entry, default=str, separators=(",", ":")).encode()
         line, digest = _sealed(body, self.key)
-        os.write(self._fd, line + b"\n")
+        record = line + b"\n"
+        written = os.write(self._fd, record)
+        if written != len(record):  # a short write (disk full): the record is not on file
+            raise OSError(f"audit record cut short: {written} of {len(record)} bytes written")
         self._dirty = True
         self._seq += 1
         self._prev = digest

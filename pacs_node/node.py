@@ -11,7 +11,6 @@ from pacs_node import __version__
 from pacs_node.config import Config, describe_access
 from pacs_node.datadir import DataDirLock, lock_data_dir
 from pacs_node.dimse.server import DicomServer
-from pacs_node.fsio import makedirs_durable
 from pacs_node.index import IndexFailure
 from pacs_node.ingest import Ingest
 from pacs_node.metrics import Metrics
@@ -120,7 +119,6 @@ class Node:
 
     def _start(self) -> None:
         config = self.config
-        makedirs_durable(config.data_dir)
         # Never start on an index that cannot account for the cache (replication/reindex.py).
         unusable = refusal(config)
         if unusable is not None:

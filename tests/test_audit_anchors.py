@@ -17,6 +17,7 @@ import pytest
 from pacs_node import audit as audit_module
 from pacs_node.audit import (
     Anchor,
+    AuditDamaged,
     AuditKeyError,
     AuditKeyMissing,
     AuditLog,
@@ -255,3 +256,15 @@ def test_a_command_without_the_key_does_not_append_to_a_keyed_chain(tmp_path: Pa
         AuditLog(path, key=None, fsync_interval_s=0).open()
     assert path.read_bytes() == before
     assert verify_chain(path, key=KEY).ok
+
+
+def test_another_key_is_refused_and_the_record_left_alone(tmp_path: Path) -> None:
+    """A process holding another chain key (a typo'd key file, a side command run with the
+    wrong environment) must not take the node's whole record for a torn tail and set it aside."""
+    path = tmp_path / "audit.jsonl"
+    _write(path, 3, KEY)
+    before = path.read_bytes()
+    with pytest.raises(AuditDamaged, match="another chain key"):
+        AuditLog(path, key=b"another-k3y-for-tests-5d2f8e1a9c7b3064", fsync_interval_s=0).open()
+    assert path.read_bytes() == before
+    assert list(tmp_path.glob("audit.jsonl.torn-*")) == []
