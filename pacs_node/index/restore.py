@@ -147,7 +147,10 @@ def confirm_bucket_copies(index: Index, verified: Sequence[int], damaged: Sequen
         for start in range(0, len(ids), PARAMS_PER_STATEMENT):
             batch = list(ids[start : start + PARAMS_PER_STATEMENT])
             with index.writing("settling bucket copies"):
-                Inst.update(**values).where(Inst.id.in_(batch)).execute()
+                # Only rows still awaiting a verdict: one requeued meanwhile is left alone.
+                Inst.update(**values).where(
+                    Inst.id.in_(batch) & Inst.bucket_state.is_null(False)
+                ).execute()
 
 
 def bucket_state_counts(index: Index) -> dict[str, int]:

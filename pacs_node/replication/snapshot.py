@@ -297,8 +297,10 @@ def prune(target: ReplicationTarget, prefix: str, retain: int) -> list[str]:
                 continue
             try:
                 target.delete(key)
-            except PermanentTargetError as e:  # under Object Lock until its date: kept
-                log.info("event=index_snapshot_kept key=%s reason=%s", key, e)
+            except PermanentTargetError as e:  # under Object Lock until its date, or refused
+                # Expected while a lock holds, but a policy refusal looks the same from here:
+                # said at WARNING so that snapshots piling up never go unseen.
+                log.warning("event=index_snapshot_not_pruned key=%s error=%s", key, e)
                 break
             deleted.append(key)
     if deleted:

@@ -263,6 +263,7 @@ class _Verifier:
             )
             return
         self.report.bucket_ok += 1
+        self._confirm(copy)  # the heal checked the bucket's bytes against the index SHA-256
         self.report.healed.append((copy.sop_uid, copy.version))
         log.warning(
             "event=instance_healed sop_uid=%s version=%d path=%s source=%s",
