@@ -140,17 +140,18 @@ def confirm_bucket_copies(index: Index, verified: Sequence[int], damaged: Sequen
     replicated (the state cleared); a bad one marks it DAMAGED (never replicated)."""
     Inst = index.models.Instance
     now = utcnow()
-    for ids, values in (
-        (verified, {"replicated_at": now, "bucket_state": None}),
-        (damaged, {"replicated_at": None, "bucket_state": DAMAGED}),
+    # A row is made replicated only while it still awaits a verdict: one requeued meanwhile
+    # (its state cleared, an upload pending) is not stamped replicated behind the queue's back.
+    awaiting = Inst.bucket_state.is_null(False)
+    for ids, values, only in (
+        (verified, {"replicated_at": now, "bucket_state": None}, awaiting),
+        (damaged, {"replicated_at": None, "bucket_state": DAMAGED}, None),
     ):
         for start in range(0, len(ids), PARAMS_PER_STATEMENT):
             batch = list(ids[start : start + PARAMS_PER_STATEMENT])
+            where = Inst.id.in_(batch) if only is None else Inst.id.in_(batch) & only
             with index.writing("settling bucket copies"):
-                # Only rows still awaiting a verdict: one requeued meanwhile is left alone.
-                Inst.update(**values).where(
-                    Inst.id.in_(batch) & Inst.bucket_state.is_null(False)
-                ).execute()
+                Inst.update(**values).where(where).execute()
 
 
 def bucket_state_counts(index: Index) -> dict[str, int]:
